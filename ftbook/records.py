@@ -1,0 +1,161 @@
+"""One JSON record per run, written atomically (PEFT method_comparison style).
+
+A record holds what is needed to trust and reproduce a number: chapter, profile, parameters, seed,
+metrics, claim verdicts, git sha, package versions, hardware, wall time and peak memory.
+Records live in ``$FTBOOK_RECORDS`` (default ``$FTBOOK_HOME/records``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+SCHEMA_VERSION = 1
+
+
+def ftbook_home() -> Path:
+    """Where caches live: ``$FTBOOK_HOME`` or ``~/.cache/ftbook``."""
+    return Path(os.environ.get("FTBOOK_HOME") or Path.home() / ".cache" / "ftbook")
+
+
+def records_dir() -> Path:
+    return Path(os.environ.get("FTBOOK_RECORDS") or ftbook_home() / "records")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temporary file beside ``path`` and rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def git_sha() -> str | None:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    sha = out.stdout.strip()
+    if out.returncode != 0 or not sha:
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                           capture_output=True, text=True, timeout=5).stdout.strip()
+    return sha + ("-dirty" if dirty else "")
+
+
+def versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in ("ftbook", "torch", "transformers", "accelerate", "peft", "datasets", "tokenizers", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def hardware() -> dict[str, Any]:
+    info: dict[str, Any] = {"machine": platform.machine(), "system": platform.system(),
+                            "cpu_count": os.cpu_count()}
+    try:
+        import torch
+
+        info["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+            info["gpu_count"] = torch.cuda.device_count()
+    except ImportError:
+        pass
+    return info
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024, 1)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        try:
+            return value.item()
+        except (ValueError, TypeError):
+            pass
+    if isinstance(value, float) and value != value:
+        return None  # NaN is not JSON
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def write_record(*, chapter: str, profile: str, seed: int, parameters: dict, metrics: dict,
+                 claims: Iterable[dict] = (), started_at: float | None = None,
+                 directory: Path | None = None) -> Path:
+    """Write one run's record atomically; return its path."""
+    now = time.time()
+    record = {
+        "schema": SCHEMA_VERSION,
+        "chapter": chapter,
+        "profile": profile,
+        "seed": seed,
+        "parameters": parameters,
+        "metrics": metrics,
+        "claims": list(claims),
+        "git_sha": git_sha(),
+        "versions": versions(),
+        "hardware": hardware(),
+        "started_at": started_at,
+        "finished_at": now,
+        "wall_time_s": round(now - started_at, 2) if started_at else None,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    directory = Path(directory or records_dir())
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int((now % 1) * 1e6):06d}"
+    path = directory / f"{chapter}__{profile}__seed{seed}__{stamp}.json"
+    atomic_write_text(path, json.dumps(_jsonable(record), indent=2, sort_keys=True))
+    return path
+
+
+def load_records(directory: Path | None = None) -> list[dict]:
+    """Every readable record, oldest first (a half-written or foreign file is skipped)."""
+    directory = Path(directory or records_dir())
+    out = []
+    for path in sorted(directory.glob("*.json")):
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(rec, dict) and "chapter" in rec:
+            rec["_path"] = str(path)
+            out.append(rec)
+    out.sort(key=lambda r: r.get("finished_at") or 0)
+    return out
+
+
+def latest_records(directory: Path | None = None) -> list[dict]:
+    """The newest record of each (chapter, profile, seed)."""
+    latest: dict[tuple, dict] = {}
+    for rec in load_records(directory):
+        latest[(rec["chapter"], rec["profile"], rec["seed"])] = rec
+    return [latest[k] for k in sorted(latest)]
