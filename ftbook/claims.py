@@ -87,7 +87,8 @@ class ClaimBook:
         strict = self.cfg.get("strict", False) if strict is None else strict
         path = records.write_record(
             chapter=self.cfg.chapter, profile=self.cfg.profile, seed=self.cfg.seed,
-            parameters=self.cfg.to_dict(), metrics=metrics or {},
+            parameters={k: v for k, v in self.cfg.to_dict().items() if not k.startswith("_")},
+            metrics=metrics or {},
             claims=[c.as_dict() for c in self.claims], started_at=self.started_at,
         )
         failed = self.failed()

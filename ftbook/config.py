@@ -15,7 +15,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 PROFILES = ("smoke", "cpu", "gpu")
 
@@ -46,6 +46,8 @@ class ChapterSpec:
     diffs: dict[str, dict[str, Any]] = field(default_factory=dict)
     # knobs whose value must be one of a fixed set
     choices: dict[str, tuple] = field(default_factory=dict)
+    # knobs with a rule of their own: key -> function(value) that raises ValueError with the reason
+    validators: dict[str, Callable[[Any], None]] = field(default_factory=dict)
 
     def values(self, profile: str) -> dict[str, Any]:
         out = dict(COMMON[profile])
@@ -63,27 +65,37 @@ def register(spec: ChapterSpec) -> ChapterSpec:
 
 
 # --- chapter 1: the pre-training lab -------------------------------------------------------------
+def _check_zoo_names(value: str) -> None:
+    from .zoo import RECIPES
+
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if len(names) < 2:
+        raise ValueError(f"needs at least two zoo models, comma-separated (e.g. 'tiny,base'), got {value!r}")
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], RECIPES, n=1)
+        hint = f" — did you mean '{close[0]}'?" if close else ""
+        raise ValueError(f"unknown zoo model {unknown[0]!r}{hint} (known: {', '.join(RECIPES)})")
+
+
 register(ChapterSpec(
     name="01_pretraining",
     title="The pre-training lab",
     defaults=dict(
-        zoo_model="base",            # the zoo entry this chapter pre-trains (later chapters load it)
-        n_layer=2, d_model=128,      # the base model's shape
-        size_ladder="tiny,small,base",  # zoo entries compared at equal tokens
-        steps=None,                  # None = the zoo recipe's step count
-        lr=None,                     # None = the zoo recipe's peak learning rate
-        eval_every=25,
+        n_layer=None, d_model=None,     # the base model's shape; None = the zoo recipe's (2 x 128)
+        size_ladder="tiny,small,base",  # zoo models compared at equal tokens (smallest first)
+        steps=None,                     # pre-training steps; None = the zoo recipe's (1200)
+        lr=None,                        # peak learning rate; None = the zoo recipe's (3e-3)
+        probe_facts=256,                # facts asked per probe (seen and unseen each)
     ),
-    diffs={
-        "smoke": dict(size_ladder="tiny,base", eval_every=5),
-        "gpu": dict(zoo_model="base", size_ladder="tiny,small,base"),
-    },
+    diffs={"smoke": dict(size_ladder="tiny,base", probe_facts=32)},
+    validators={"size_ladder": _check_zoo_names},
 ))
 
 
 # --- validation ----------------------------------------------------------------------------------
 POSITIVE_INT = {"n_layer", "d_model", "n_head", "steps", "batch_size", "seq_len", "eval_every", "rank",
-                "vocab_size", "warmup_steps", "grad_accum", "n_entities", "eval_batches"}
+                "vocab_size", "warmup_steps", "grad_accum", "n_entities", "eval_batches", "probe_facts"}
 POSITIVE_FLOAT = {"lr", "learning_rate"}
 UNIT_INTERVAL = {"replay_fraction", "dropout", "weight_decay", "warmup_fraction", "drop_rate"}
 VALUE_CHOICES = {
@@ -203,6 +215,11 @@ def validate_overrides(chapter: str, profile: str, overrides: Mapping[str, Any])
         if key in spec.choices and value is not None and value not in spec.choices[key]:
             raise ConfigError(key, f"{value!r} is not one of {', '.join(map(str, spec.choices[key]))}")
         clean[key] = _check_value(key, value, base.get(key))
+        if key in spec.validators and clean[key] is not None:
+            try:
+                spec.validators[key](clean[key])
+            except ValueError as exc:
+                raise ConfigError(key, str(exc)) from None
     return clean
 
 

@@ -1,0 +1,198 @@
+"""The ``ftbook`` command: run chapters, build the book, report results, describe the environment.
+
+    ftbook run 01 --profile cpu -p n_layer=4     execute a chapter (papermill), cached
+    ftbook run --all --jobs 2                    every chapter, two kernels side by side
+    ftbook book                                  execute (cached) + render the Jupyter Book
+    ftbook report                                claims x runs from the run records
+    ftbook env                                   versions, hardware, caches
+    ftbook data prepare [NAME]                   fetch + verify the third-party corpora
+    ftbook bench                                 ftbook's loop vs transformers.Trainer
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import config as C
+
+
+def parse_value(text: str):
+    """``-p key=value`` values as papermill would read them: int, float, bool, None, else string."""
+    lowered = text.strip().lower()
+    if lowered in ("none", "null"):
+        return None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_parameters(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise C.ConfigError(pair, "parameters are given as key=value, e.g. -p n_layer=4")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+def _cmd_run(args) -> int:
+    from . import run
+
+    params = parse_parameters(args.parameter)
+    if args.all:
+        chapters = [str(p) for p in run.all_chapters()]
+    elif args.chapter:
+        chapters = [args.chapter]
+    else:
+        raise C.ConfigError("chapter", "name a chapter (e.g. `ftbook run 01`) or pass --all")
+    seeds = [int(s) for s in str(args.seeds).split(",")] if args.seeds else [args.seed]
+    jobs = [(ch, s) for ch in chapters for s in seeds]
+    if args.output and len(jobs) > 1:
+        raise C.ConfigError("output", "--output takes one chapter and one seed")
+    from concurrent.futures import ThreadPoolExecutor
+
+    for ch, _ in jobs:  # validate every job before running any
+        C.validate_overrides(run.notebook_path(ch).stem, args.profile, params)
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = [pool.submit(run.execute, ch, profile=args.profile, seed=s, parameters=params,
+                               output=Path(args.output) if args.output else None,
+                               use_cache=not args.no_cache, progress=args.progress) for ch, s in jobs]
+        results = [f.result() for f in futures]
+    for r in results:
+        print(f"{r.chapter} seed {r.parameters['seed']}: {r.path}" + (" (cached)" if r.cached else ""))
+    return 0
+
+
+def _cmd_book(args) -> int:
+    from . import run
+
+    html = run.build_book(profile=args.profile, seed=args.seed, jobs=args.jobs,
+                          execute_chapters=not args.no_execute)
+    print(html / "index.html")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from . import report
+    from .records import atomic_write_text
+
+    directory = Path(args.records) if args.records else None
+    print(report.text(directory))
+    if args.markdown:
+        atomic_write_text(Path(args.markdown), report.markdown(directory))
+        print(f"written: {args.markdown}")
+    return 0
+
+
+def _cmd_env(args) -> int:
+    from . import records, run
+
+    info = {"versions": records.versions(), "hardware": records.hardware(), "git": records.git_sha(),
+            "FTBOOK_HOME": str(records.ftbook_home()), "records": str(records.records_dir()),
+            "execution cache": str(run.cache_dir()), "chapters": [p.name for p in run.all_chapters()],
+            "profiles": list(C.PROFILES)}
+    zoo_dir = records.ftbook_home() / "zoo"
+    info["zoo entries"] = sorted(p.name for p in zoo_dir.iterdir() if p.is_dir()) if zoo_dir.exists() else []
+    try:
+        from . import corpora
+
+        info["corpora prepared"] = {n: corpora.is_prepared(n) for n in corpora.NAMES}
+    except ImportError:
+        pass
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _cmd_data(args) -> int:
+    from . import corpora
+
+    if args.action == "prepare":
+        paths = corpora.prepare(args.name)
+        for name, path in paths.items():
+            print(f"{name}: {path}")
+    else:
+        print(corpora.describe().to_string(index=False))
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    from . import bench
+
+    return bench.main(args.rest) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ftbook", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="execute chapters with papermill (cached)",
+                       description="Execute a chapter notebook with papermill. The executed notebook is "
+                                   "cached: re-running with the same notebook, parameters and ftbook "
+                                   "source reuses it.")
+    p.add_argument("chapter", nargs="?", help="chapter number, name or notebook path (e.g. 01)")
+    p.add_argument("--all", action="store_true", help="every chapter in chapters/")
+    p.add_argument("--profile", default="cpu", help=f"one of {', '.join(C.PROFILES)} (default cpu)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", help="several seeds, comma-separated (e.g. 0,1,2)")
+    p.add_argument("-p", "--parameter", action="append", metavar="KEY=VALUE",
+                   help="a chapter knob, e.g. -p n_layer=4 (repeatable)")
+    p.add_argument("--output", help="also copy the executed notebook here")
+    p.add_argument("--jobs", type=int, default=1, help="notebooks executed side by side (default 1)")
+    p.add_argument("--no-cache", action="store_true", help="execute even if a cached result exists")
+    p.add_argument("--progress", action="store_true", help="show papermill's per-cell progress bar")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("book", help="execute every chapter (cached) and render the Jupyter Book")
+    p.add_argument("--profile", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=1)
+    p.add_argument("--no-execute", action="store_true", help="render the notebooks without executing them")
+    p.set_defaults(func=_cmd_book)
+
+    p = sub.add_parser("report", help="print every claim of every recorded run")
+    p.add_argument("--records", help="records folder (default $FTBOOK_HOME/records)")
+    p.add_argument("--markdown", help="also write the markdown results page here")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("env", help="versions, hardware, caches")
+    p.set_defaults(func=_cmd_env)
+
+    p = sub.add_parser("data", help="the real-text corpora: list or prepare")
+    p.add_argument("action", choices=["prepare", "list"])
+    p.add_argument("name", nargs="?", help="one corpus (default: all)")
+    p.set_defaults(func=_cmd_data)
+
+    p = sub.add_parser("bench", help="benchmark ftbook's training loop against transformers.Trainer")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for python -m ftbook.bench")
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except C.ConfigError as exc:
+        print(f"ftbook: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # one clear line, not a traceback, for the errors we raise on purpose
+        from .models import ModelSpecError
+        from .run import ChapterFailed
+
+        if isinstance(exc, (ChapterFailed, ModelSpecError)):
+            print(f"ftbook: error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Measurements: loss and perplexity per corpus, fact probes, task accuracy, fits.
+
+Kept small and exact: a fact probe ranks every candidate value by the model's log-likelihood (no
+sampling, no parsing), task accuracy decodes greedily and compares exactly.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import data as D
+from .train import evaluate_loss
+
+
+def perplexity(model, blocks, **kwargs) -> float:
+    """exp(mean token loss) over packed blocks."""
+    return math.exp(evaluate_loss(model, blocks, **kwargs))
+
+
+def losses_by_corpus(model, corpora: dict, **kwargs) -> dict[str, float]:
+    return {name: evaluate_loss(model, blocks, **kwargs) for name, blocks in corpora.items()}
+
+
+@torch.no_grad()
+def continuation_logprobs(model, tokenizer, prompts: Sequence[str], continuations: Sequence[str],
+                          batch_size: int = 64) -> np.ndarray:
+    """Sum of log-probabilities of each continuation given its prompt (one number per pair)."""
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    rows, spans = [], []
+    for prompt, cont in zip(prompts, continuations):
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        c = tokenizer(cont, add_special_tokens=False)["input_ids"]
+        rows.append(p + c)
+        spans.append((len(p), len(p) + len(c)))
+    out = np.zeros(len(rows))
+    model.eval()
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        width = max(len(r) for r in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, r in enumerate(chunk):
+            ids[i, :len(r)] = torch.tensor(r)
+            mask[i, :len(r)] = 1
+        logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
+        for i in range(len(chunk)):
+            a, b = spans[start + i]
+            targets = ids[i, a:b].to(device)
+            out[start + i] = logp[i, a - 1:b - 1].gather(-1, targets[:, None]).sum().item()
+    return out
+
+
+def fact_probe(model, tokenizer, facts: Sequence[D.Fact], *, language: int = 1) -> dict:
+    """Rank every value of the attribute after the fact's cloze prompt; accuracy = top-1 is right.
+
+    Chance is 1 / (number of values of the attribute). ``language=2`` asks in the cipher language.
+    """
+    prompts, conts, index = [], [], []
+    for i, f in enumerate(facts):
+        for v in D.ATTRIBUTES[f.attribute]:
+            prompt = D.PROBE_TEMPLATES[f.attribute].format(e=f.entity)
+            cont = f" {v} ."
+            if language == 2:
+                prompt, cont = D.to_second_language(prompt), " " + D.to_second_language(cont.strip())
+            prompts.append(prompt)
+            conts.append(cont)
+            index.append((i, v))
+    scores = continuation_logprobs(model, tokenizer, prompts, conts)
+    best: dict[int, tuple[float, str]] = {}
+    for (i, v), s in zip(index, scores):
+        if i not in best or s > best[i][0]:
+            best[i] = (s, v)
+    correct = [best[i][1] == f.value for i, f in enumerate(facts)]
+    chance = float(np.mean([1 / len(D.ATTRIBUTES[f.attribute]) for f in facts])) if facts else float("nan")
+    return {"accuracy": float(np.mean(correct)) if correct else float("nan"), "chance": chance, "n": len(facts)}
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 12, stop: str | None = None,
+             batch_size: int = 64) -> list[str]:
+    """Greedy decoding, batched with left padding; returns the continuations (stripped at ``stop``)."""
+    device = next(model.parameters()).device
+    model.eval()
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    outs = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            enc = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(device)
+            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            for row in ids[:, enc["input_ids"].shape[1]:]:
+                text = tokenizer.decode(row, skip_special_tokens=False)
+                if stop and stop in text:
+                    text = text.split(stop)[0]
+                outs.append(text.replace(D.EOS, "").replace(D.PAD, "").strip())
+    finally:
+        tokenizer.padding_side = old_side
+    return outs
+
+
+def exact_match(predictions: Sequence[str], answers: Sequence[str]) -> float:
+    return float(np.mean([p.strip() == str(a).strip() for p, a in zip(predictions, answers)]))
+
+
+def power_law_fit(steps: Sequence[float], losses: Sequence[float]) -> dict:
+    """Fit ``loss = a * step^(-alpha) + c`` by least squares; return a, alpha, c and R^2.
+
+    The irreducible term ``c`` is searched on a grid below the smallest loss; for each ``c`` the
+    remaining fit is linear in log-log space.
+    """
+    x = np.log(np.asarray(steps, dtype=float))
+    y = np.asarray(losses, dtype=float)
+    best = None
+    for c in np.linspace(0.0, y.min() * 0.999, 200):
+        ly = np.log(y - c)
+        slope, intercept = np.polyfit(x, ly, 1)
+        pred = np.exp(intercept) * np.exp(x) ** slope + c
+        ss_res = float(((y - pred) ** 2).sum())
+        if best is None or ss_res < best[0]:
+            best = (ss_res, float(np.exp(intercept)), float(-slope), float(c), pred)
+    ss_res, a, alpha, c, pred = best
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    return {"a": a, "alpha": alpha, "c": c, "r2": 1 - ss_res / ss_tot if ss_tot > 0 else float("nan"),
+            "predicted": pred}

@@ -1,0 +1,233 @@
+"""Execute chapters with papermill (with an execution cache), build the book, write the results page.
+
+The execution cache: an executed notebook is stored under a key that hashes the notebook's cells, the
+parameters, the ftbook source and the committed data. Re-running with nothing changed reuses it, so
+``make test`` (which executes the chapters to check their claims) followed by ``make book`` executes
+nothing twice, and editing one chapter re-executes only that chapter. Failed runs are never cached.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from . import config as C
+from .records import atomic_write_text, ftbook_home
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_DIR.parent
+KERNEL = "python3"
+
+
+class ChapterFailed(RuntimeError):
+    """A chapter raised while executing; the message names the chapter, the cell and the error."""
+
+
+def chapters_dir() -> Path:
+    return Path(os.environ.get("FTBOOK_CHAPTERS") or REPO_ROOT / "chapters")
+
+
+def book_dir() -> Path:
+    return Path(os.environ.get("FTBOOK_BOOK") or REPO_ROOT / "book")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FTBOOK_EXEC_CACHE") or ftbook_home() / "executed")
+
+
+def notebook_path(chapter: str) -> Path:
+    """``01`` / ``01_pretraining`` / a path → the chapter's notebook."""
+    as_path = Path(chapter)
+    if as_path.suffix == ".ipynb" and as_path.exists():
+        return as_path
+    spec = C.resolve_chapter(chapter)
+    path = chapters_dir() / f"{spec.name}.ipynb"
+    if not path.exists():
+        raise C.ConfigError("chapter", f"chapter {spec.name} is configured but {path} does not exist")
+    return path
+
+
+def all_chapters() -> list[Path]:
+    """The chapters present, in book order (their number prefix)."""
+    return sorted(chapters_dir().glob("[0-9][0-9]_*.ipynb"))
+
+
+# --- the cache key ----------------------------------------------------------------------------------
+def _tree_digest(root: Path, patterns: Iterable[str]) -> str:
+    h = hashlib.sha256()
+    if root.exists():
+        files = sorted({p for pattern in patterns for p in root.rglob(pattern) if p.is_file()})
+        for path in files:
+            if "__pycache__" in path.parts:
+                continue
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def source_digest() -> str:
+    """What the results depend on besides the notebook: the ftbook code and the committed data."""
+    return hashlib.sha256((_tree_digest(PACKAGE_DIR, ["*.py"]) +
+                           _tree_digest(REPO_ROOT / "data", ["*"])).encode()).hexdigest()
+
+
+def notebook_digest(path: Path) -> str:
+    """The cells' sources and tags: outputs and execution counts do not change what runs."""
+    nb = json.loads(Path(path).read_text())
+    cells = [(c["cell_type"], "".join(c["source"]), sorted(c.get("metadata", {}).get("tags", [])))
+             for c in nb["cells"]]
+    return hashlib.sha256(json.dumps(cells).encode()).hexdigest()
+
+
+def cache_key(path: Path, parameters: Mapping[str, Any]) -> str:
+    blob = json.dumps({"notebook": notebook_digest(path), "parameters": dict(parameters),
+                       "source": source_digest()}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+# --- executing --------------------------------------------------------------------------------------
+@dataclass
+class Execution:
+    chapter: str
+    parameters: dict
+    path: Path          # the executed notebook
+    cached: bool
+    seconds: float
+
+
+def _cell_error(nb_path: Path) -> str:
+    """The first error in an executed notebook, as 'cell N: Name: message'."""
+    try:
+        nb = json.loads(nb_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return "(the executed notebook could not be read)"
+    for i, cell in enumerate(nb["cells"]):
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                return f"cell {i}: {out.get('ename')}: {out.get('evalue')}"
+    return "(no error output found)"
+
+
+def execute(chapter: str, *, profile: str = "cpu", seed: int = 0, parameters: Mapping[str, Any] | None = None,
+            output: Path | None = None, use_cache: bool = True, progress: bool = False,
+            log=print) -> Execution:
+    """Execute one chapter with papermill; reuse the cached result when nothing it depends on changed.
+
+    Parameters are validated first: a bad one raises :class:`ftbook.config.ConfigError` before any work.
+    """
+    import papermill
+
+    path = notebook_path(chapter)
+    name = path.stem
+    clean = C.validate_overrides(name, profile, dict(parameters or {}))  # raises before any work
+    params = {"profile": profile, "seed": seed, **clean}
+    key = cache_key(path, params)
+    cached = cache_dir() / f"{name}__{profile}__seed{seed}__{key}.ipynb"
+    started = time.perf_counter()
+    if use_cache and cached.exists():
+        log(f"[ftbook] {name} ({profile}, seed {seed}): cached, not re-executed")
+        result = Execution(name, params, cached, True, 0.0)
+    else:
+        log(f"[ftbook] {name} ({profile}, seed {seed}): executing ...")
+        work = cache_dir() / "work" / f"{name}__{profile}__seed{seed}__{key}__{os.getpid()}.ipynb"
+        work.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            papermill.execute_notebook(str(path), str(work), parameters=params, kernel_name=KERNEL,
+                                       progress_bar=progress, cwd=str(path.parent), log_output=False)
+        except papermill.PapermillExecutionError as exc:
+            failed = cache_dir() / "failed" / f"{name}__{profile}__seed{seed}.ipynb"
+            failed.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(work), failed)
+            raise ChapterFailed(f"chapter {name} ({profile}, seed {seed}) failed in "
+                                f"{_cell_error(failed)}\n  executed notebook kept at {failed}") from exc
+        if use_cache:
+            os.replace(work, cached)  # atomic: the cache never holds half a notebook
+            result_path = cached
+        else:
+            result_path = work
+        result = Execution(name, params, result_path, False, time.perf_counter() - started)
+        log(f"[ftbook] {name} ({profile}, seed {seed}): done in {result.seconds:.0f} s")
+    if output is not None:
+        output = Path(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(result.path, output)
+        result.path = output
+    return result
+
+
+def execute_many(chapters: Iterable[str], *, jobs: int = 1, **kwargs) -> list[Execution]:
+    """Execute several chapters, ``jobs`` at a time (each kernel is its own process).
+
+    On 2 cores, two single-threaded kernels side by side beat one kernel with two threads for these
+    small models (see benchmarks/README.md). All chapters run even if one fails; then the first
+    failure is raised.
+    """
+    chapters = list(chapters)
+    for chapter in chapters:  # validate everything before executing anything
+        C.validate_overrides(notebook_path(chapter).stem, kwargs.get("profile", "cpu"),
+                             dict(kwargs.get("parameters") or {}))
+    results: list[Execution | BaseException] = []
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = [pool.submit(execute, ch, **kwargs) for ch in chapters]
+        for future in futures:
+            try:
+                results.append(future.result())
+            except BaseException as exc:  # noqa: BLE001 - re-raised below after the others finish
+                results.append(exc)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        raise errors[0]
+    return results  # type: ignore[return-value]
+
+
+# --- the book ---------------------------------------------------------------------------------------
+def write_toc(chapter_names: list[str], book: Path) -> None:
+    lines = ["# Generated by `ftbook book` from the chapters present; do not edit.", "format: jb-book",
+             "root: intro", "parts:", "  - caption: The book", "    chapters:"]
+    lines += [f"      - file: chapters/{name}" for name in chapter_names]
+    lines += ["  - caption: Around the book", "    chapters:", "      - file: setup", "      - file: results"]
+    atomic_write_text(book / "_toc.yml", "\n".join(lines) + "\n")
+
+
+def build_book(*, profile: str = "cpu", seed: int = 0, jobs: int = 1, execute_chapters: bool = True,
+               log=print) -> Path:
+    """Execute every chapter (cached), render the Jupyter Book (1.x); return the HTML folder."""
+    from . import report
+
+    book = book_dir()
+    chapters = all_chapters()
+    executed_dir = book / "chapters"
+    if executed_dir.exists():
+        shutil.rmtree(executed_dir)
+    executed_dir.mkdir(parents=True)
+    if execute_chapters:
+        runs = execute_many([str(p) for p in chapters], jobs=jobs, profile=profile, seed=seed, log=log)
+        for run in runs:
+            shutil.copyfile(run.path, executed_dir / f"{run.chapter}.ipynb")
+    else:  # render the unexecuted notebooks (for a quick look at the text)
+        for path in chapters:
+            shutil.copyfile(path, executed_dir / path.name)
+    write_toc([p.stem for p in chapters], book)
+    atomic_write_text(book / "results.md", report.markdown())
+    log("[ftbook] rendering the book with jupyter-book ...")
+    started = time.perf_counter()
+    # jupyter-book 1.x has no `python -m` entry: use the script installed beside this interpreter.
+    script = Path(sys.executable).parent / "jupyter-book"
+    if not script.exists():
+        script = Path(shutil.which("jupyter-book") or "jupyter-book")
+    cmd = [str(script), "build", str(book), "--warningiserror", "--keep-going"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-40:])
+        raise RuntimeError(f"jupyter-book build failed:\n{tail}")
+    html = book / "_build" / "html"
+    log(f"[ftbook] book rendered in {time.perf_counter() - started:.0f} s: {html / 'index.html'}")
+    return html

@@ -1,0 +1,264 @@
+"""The zoo: models the book pre-trains itself, cached so every chapter also runs standalone.
+
+``load("base", seed=0)`` returns the cached checkpoint or pre-trains it deterministically and caches
+it under ``$FTBOOK_HOME/zoo/<name>-s<seed>-<hash>/`` (the hash covers the recipe and the corpus
+version, so a changed recipe never reuses a stale model). The intermediate checkpoints are kept:
+``load("base", step="step-400")`` — later chapters fine-tune them.
+
+A cache entry is complete only when its ``manifest.json`` (written last) lists the sha256 of every
+weight file; a truncated or corrupted entry is detected on load, removed, and reported.
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import fcntl
+import hashlib
+import json
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from . import data as D
+from .records import atomic_write_text, ftbook_home
+
+ZOO_FORMAT = 1  # bump when the corpus or training code changes what a recipe produces
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A cached checkpoint failed its checksum; it has been removed so the next call rebuilds it."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines a pre-trained model."""
+
+    arch: str = "llama"
+    n_layer: int = 2
+    d_model: int = 128
+    n_head: int | None = None
+    vocab_size: int = 1024
+    seq_len: int = 64
+    batch_size: int = 16
+    steps: int = 1200
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    n_entities: int = 64
+    n_docs: int = 24000            # documents generated from the world
+    real_text: tuple[str, ...] = ()  # ftbook.corpora names mixed into the corpus
+    keep_steps: tuple[int, ...] = (100, 200, 400, 800)  # intermediate checkpoints kept for later chapters
+    eval_every: int = 100
+
+    def key(self) -> str:
+        blob = json.dumps({"format": ZOO_FORMAT, **asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# The named entries. `base` is the model most chapters fine-tune; tiny/small/base form a size ladder
+# trained on the same tokens (chapter 1 compares them).
+RECIPES: dict[str, Recipe] = {
+    "tiny": Recipe(n_layer=1, d_model=64),
+    "small": Recipe(n_layer=2, d_model=96),
+    "base": Recipe(n_layer=2, d_model=128),
+}
+# The smoke profile trains these instead: seconds, not minutes.
+SMOKE = dict(steps=30, warmup_steps=5, n_docs=600, keep_steps=(10, 20), eval_every=10, vocab_size=384)
+
+
+def recipe(name: str, profile: str | None = None, **overrides) -> Recipe:
+    """The recipe of ``zoo:name``: its defaults, the ``smoke`` profile's shortcuts, then ``overrides``."""
+    from .models import ModelSpecError
+
+    if name not in RECIPES:
+        close = difflib.get_close_matches(name, RECIPES, n=1)
+        hint = f" — did you mean 'zoo:{close[0]}'?" if close else ""
+        raise ModelSpecError(f"unknown zoo model 'zoo:{name}'{hint} (known: {', '.join(RECIPES)})")
+    fields = set(Recipe.__dataclass_fields__)
+    unknown = set(overrides) - fields
+    if unknown:
+        bad = sorted(unknown)[0]
+        close = difflib.get_close_matches(bad, fields, n=1)
+        hint = f" — did you mean '{close[0]}'?" if close else ""
+        raise ModelSpecError(f"unknown zoo recipe field '{bad}'{hint}")
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None}
+    if profile == "smoke":
+        overrides = {**SMOKE, **overrides}
+    return replace(RECIPES[name], **overrides)
+
+
+# --- the corpus ------------------------------------------------------------------------------------
+def world(recipe: Recipe, seed: int) -> D.World:
+    return D.World(seed=seed, n_entities=recipe.n_entities)
+
+
+def corpus(recipe: Recipe, seed: int) -> dict[str, list[str]]:
+    """Training documents and validation sets of the pre-training mix.
+
+    The validation sets are held-out documents of each source, plus a probe of held-out facts.
+    """
+    w = world(recipe, seed)
+    docs = D.world_documents(w, recipe.n_docs, seed=seed)
+    train, val = D.split_texts(docs, 0.05, seed)
+    out = {"train": train, "val/world": val}
+    if recipe.real_text:
+        from . import corpora
+
+        for name in recipe.real_text:
+            out["train"] = out["train"] + corpora.texts(name, "train")
+            out[f"val/{name}"] = corpora.texts(name, "validation")
+        random.Random(f"mix-{seed}").shuffle(out["train"])
+    return out
+
+
+def tokenizer_for(recipe: Recipe, seed: int):
+    """The tokenizer of a recipe: trained on the recipe's training documents (seed 0's corpus, so all
+    seeds share one vocabulary and their models can be compared and merged token for token)."""
+    texts = corpus(recipe, 0)["train"]
+    return D.train_tokenizer(texts, vocab_size=recipe.vocab_size)
+
+
+# --- the cache --------------------------------------------------------------------------------------
+def entry_dir(name: str, recipe: Recipe, seed: int) -> Path:
+    return ftbook_home() / "zoo" / f"{name}-s{seed}-{recipe.key()}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive file lock: two processes asking for the same model train it once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def verify(entry: Path) -> dict:
+    """Check an entry against its manifest; remove it and raise if anything is off."""
+    manifest_path = entry / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        bad = [rel for rel, digest in manifest["files"].items() if _sha256(entry / rel) != digest]
+    except (OSError, json.JSONDecodeError, KeyError) as exc:
+        bad = [f"manifest.json ({exc.__class__.__name__})"]
+    if bad:
+        shutil.rmtree(entry, ignore_errors=True)
+        raise CorruptCheckpointError(
+            f"cached zoo checkpoint {entry} is corrupted ({', '.join(bad[:3])} failed its checksum); "
+            f"it has been removed — run again to re-train it")
+    return manifest
+
+
+def is_cached(name: str, seed: int = 0, profile: str | None = None, **overrides) -> bool:
+    return (entry_dir(name, recipe(name, profile, **overrides), seed) / "manifest.json").exists()
+
+
+def pretrain(name: str, seed: int = 0, *, profile: str | None = None, progress: bool = True,
+             **overrides) -> Path:
+    """Return the cache entry of ``zoo:name`` at ``seed``, pre-training it first if needed."""
+    rec = recipe(name, profile, **overrides)
+    entry = entry_dir(name, rec, seed)
+    with _locked(entry.with_name(entry.name + ".lock")):
+        if (entry / "manifest.json").exists():
+            verify(entry)
+            return entry
+        _pretrain_into(entry, name, rec, seed, progress)
+    return entry
+
+
+def _pretrain_into(entry: Path, name: str, rec: Recipe, seed: int, progress: bool) -> None:
+    from . import models
+    from .train import TrainConfig, train
+
+    work = entry.with_name(entry.name + ".partial")  # checkpoints here survive a crash: resume
+    work.mkdir(parents=True, exist_ok=True)
+    texts = corpus(rec, seed)
+    tokenizer = tokenizer_for(rec, seed)
+    train_blocks = D.pack(texts["train"], tokenizer, rec.seq_len)
+    evals = {k.split("/", 1)[1]: D.pack(v, tokenizer, rec.seq_len, max_blocks=64)
+             for k, v in texts.items() if k.startswith("val/")}
+    config = models.tiny_config(rec.arch, vocab_size=len(tokenizer), n_layer=rec.n_layer,
+                                d_model=rec.d_model, n_head=rec.n_head, max_len=max(256, rec.seq_len))
+    model = models.from_config(config, seed=seed)
+    keep = tuple(s for s in rec.keep_steps if s < rec.steps)
+    cfg = TrainConfig(steps=rec.steps, lr=rec.lr, batch_size=rec.batch_size, warmup_steps=rec.warmup_steps,
+                      schedule=rec.schedule, eval_every=rec.eval_every, seed=seed,
+                      checkpoint_steps=keep + (rec.steps,), checkpoint_dir=str(work / "train"),
+                      progress=progress, desc=f"pre-train zoo:{name} (seed {seed})")
+    started = time.perf_counter()
+    history = train(model, train_blocks, cfg, eval_data=evals)
+    seconds = time.perf_counter() - started
+
+    # Export every kept step as a loadable model folder (safetensors + config + tokenizer).
+    final = model.state_dict()
+    for step in keep + (rec.steps,):
+        folder = work / ("final" if step == rec.steps else f"step-{step}")
+        from safetensors.torch import load_file
+
+        if step != rec.steps:
+            model.load_state_dict({**final, **load_file(str(work / "train" / f"step-{step}" / "trainable.safetensors"))})
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+    model.load_state_dict(final)
+    shutil.rmtree(work / "train")
+    history.to_json(work / "history.json", orient="records")
+    info = {"name": name, "seed": seed, "recipe": asdict(rec), "parameters": models.count_parameters(model),
+            "train_tokens": int(rec.steps * rec.batch_size * rec.seq_len), "train_seconds": round(seconds, 1),
+            "corpus_documents": len(texts["train"])}
+    (work / "info.json").write_text(json.dumps(info, indent=2))
+    files = {str(p.relative_to(work)): _sha256(p) for p in sorted(work.rglob("*")) if p.is_file()}
+    atomic_write_text(work / "manifest.json", json.dumps({"files": files, "created": time.time()}, indent=1))
+    if entry.exists():
+        shutil.rmtree(entry)
+    work.rename(entry)
+
+
+def load(name: str, seed: int = 0, step: str | None = None, *, profile: str | None = None,
+         progress: bool = True, **overrides):
+    """``(model, tokenizer)`` of ``zoo:name`` (final weights, or an intermediate ``step``)."""
+    from . import models
+
+    entry = pretrain(name, seed, profile=profile, progress=progress, **overrides)
+    folder = entry / ("final" if step in (None, "final") else step)
+    if not folder.is_dir():
+        kept = sorted(p.name for p in entry.iterdir() if p.name.startswith("step-")) + ["final"]
+        raise models.ModelSpecError(f"zoo:{name} has no checkpoint {step!r}; kept: {', '.join(kept)}")
+    return models.load_pretrained(folder)
+
+
+def history(name: str, seed: int = 0, profile: str | None = None, **overrides):
+    import pandas as pd
+
+    entry = pretrain(name, seed, profile=profile, **overrides)
+    return pd.read_json(entry / "history.json", orient="records")
+
+
+def info(name: str, seed: int = 0, profile: str | None = None, **overrides) -> dict:
+    entry = pretrain(name, seed, profile=profile, **overrides)
+    return json.loads((entry / "info.json").read_text())
+
+
+def checkpoints(name: str, seed: int = 0, profile: str | None = None, **overrides) -> list[str]:
+    """Names of the kept checkpoints, in training order (``step-100``, ..., ``final``)."""
+    entry = pretrain(name, seed, profile=profile, **overrides)
+    steps = sorted(int(p.name.split("-")[1]) for p in entry.iterdir() if p.name.startswith("step-"))
+    return [f"step-{s}" for s in steps] + ["final"]
+
+
+def world_of(name: str, seed: int = 0, profile: str | None = None, **overrides) -> D.World:
+    """The synthetic world a zoo model was pre-trained on (to probe what it knows)."""
+    return world(recipe(name, profile, **overrides), seed)

@@ -1,0 +1,83 @@
+"""Every chapter end to end: at `smoke` (the code path) and at `cpu` (the claims, seed 0, strict).
+
+Executions go through ftbook's runner and its cache, so `make book` after `make test` executes nothing
+again. The cpu runs of all chapters start together, two kernels at a time (one thread each).
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ftbook import records, run
+
+CHAPTERS = [p.stem for p in run.all_chapters()]
+JOBS = int(os.environ.get("FTBOOK_TEST_JOBS", "2"))
+
+
+def _errors(path: Path) -> list[str]:
+    nb = json.loads(Path(path).read_text())
+    return [o["ename"] for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_chapter_runs_end_to_end_at_smoke(chapter):
+    result = run.execute(chapter, profile="smoke", seed=0)
+    assert result.path.exists() and not _errors(result.path)
+
+
+def test_papermill_command_line_runs_a_chapter_with_parameters(tmp_path):
+    """The README's example: plain papermill, other seed, a chapter knob."""
+    out = tmp_path / "out.ipynb"
+    notebook = run.notebook_path(CHAPTERS[0])
+    cmd = [sys.executable, "-m", "papermill", str(notebook), str(out), "-p", "profile", "smoke", "-p", "seed", "3",
+           "--cwd", str(notebook.parent)]
+    if CHAPTERS[0] == "01_pretraining":
+        cmd += ["-p", "probe_facts", "8"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = out.read_text()
+    assert "seed 3" in text and not _errors(out)
+
+
+def test_a_misspelt_papermill_parameter_stops_the_chapter_before_any_work(tmp_path, tmp_home):
+    out = tmp_path / "out.ipynb"
+    notebook = run.notebook_path("01")
+    done = subprocess.run([sys.executable, "-m", "papermill", str(notebook), str(out), "-p", "profile", "smoke",
+                           "-p", "n_layr", "4", "--cwd", str(notebook.parent)], capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "n_layr" in done.stderr and "did you mean 'n_layer'" in done.stderr
+    assert not (tmp_home / "zoo").exists() and not (tmp_home / "records").exists()
+
+
+@pytest.fixture(scope="session")
+def cpu_runs():
+    """Execute every chapter at cpu, seed 0 (cached); failures are reported per chapter."""
+    out = {}
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=JOBS) as pool:
+        futures = {ch: pool.submit(run.execute, ch, profile="cpu", seed=0) for ch in CHAPTERS}
+        for ch, future in futures.items():
+            try:
+                out[ch] = future.result()
+            except Exception as exc:  # noqa: BLE001 - reported by the chapter's own test
+                out[ch] = exc
+    return out
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_chapter_claims_hold_at_cpu(chapter, cpu_runs):
+    result = cpu_runs[chapter]
+    if isinstance(result, Exception):
+        pytest.fail(str(result))
+    recs = [r for r in records.latest_records() if r["chapter"] == chapter and r["profile"] == "cpu"
+            and r["seed"] == 0]
+    assert recs, "the chapter wrote no run record"
+    judged = [c for c in recs[0]["claims"] if c["holds"] is not None]
+    assert judged, "no claim was judged at the cpu profile"
+    failed = [f"{c['id']}: measured {c['measured']:.4g}, needs {c['op']} {c['threshold']:g}"
+              for c in judged if not c["holds"]]
+    assert not failed, failed

@@ -1,0 +1,83 @@
+import json
+import os
+
+import pytest
+
+from ftbook import claims, config as C, records, report
+
+
+def _cfg(profile="cpu", strict=True):
+    return C.make("01_pretraining", profile=profile, strict=strict)
+
+
+def test_claim_verdicts_and_strict_failure_write_the_record_first(tmp_home):
+    book = claims.ClaimBook(_cfg())
+    assert book.check("a", paper="P", claim="x > 1", measured=2.0, op=">", threshold=1).holds is True
+    assert book.check("b", paper="P", claim="y <= 0", measured=0.5, op="<=", threshold=0).holds is False
+    assert book.check("c", paper="P", claim="big only", measured=0, op=">", threshold=1, scale="gpu").holds is None
+    table = book.table()
+    assert list(table.verdict) == ["holds", "does NOT hold", "checked at gpu scale only"]
+    with pytest.raises(claims.ClaimFailed, match=r"\[b\]"):
+        book.finish({"m": 1})
+    recs = records.load_records()
+    assert len(recs) == 1 and [c["holds"] for c in recs[0]["claims"]] == [True, False, None]
+    assert recs[0]["metrics"] == {"m": 1} and recs[0]["git_sha"] is not None
+
+
+def test_smoke_runs_judge_nothing_and_non_strict_runs_do_not_raise(tmp_home):
+    book = claims.ClaimBook(_cfg("smoke"))
+    assert book.check("a", paper="P", claim="c", measured=0, op=">", threshold=1).holds is None
+    book.finish()
+    lenient = claims.ClaimBook(_cfg("cpu", strict=False))
+    lenient.check("a", paper="P", claim="c", measured=0, op=">", threshold=1)
+    lenient.finish()  # records the failure, does not raise
+    assert [r["claims"][0]["holds"] for r in records.load_records()] == [None, False]
+
+
+def test_claim_arguments_are_checked():
+    book = claims.ClaimBook(_cfg())
+    with pytest.raises(ValueError, match="op"):
+        book.check("a", paper="P", claim="c", measured=0, op="=>", threshold=1)
+    book.check("a", paper="P", claim="c", measured=0, op=">=", threshold=0)
+    with pytest.raises(ValueError, match="used twice"):
+        book.check("a", paper="P", claim="c", measured=0, op=">=", threshold=0)
+
+
+def test_record_is_atomic_and_complete(tmp_home):
+    path = records.write_record(chapter="x", profile="cpu", seed=0, parameters={"lr": 1e-3},
+                                metrics={"loss": float("nan"), "n": 3}, started_at=0.0)
+    rec = json.loads(path.read_text())
+    for key in ("git_sha", "versions", "hardware", "wall_time_s", "peak_rss_mb", "parameters", "claims"):
+        assert key in rec
+    assert rec["metrics"] == {"loss": None, "n": 3}  # NaN is written as null, the file stays valid JSON
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+
+
+def test_atomic_write_leaves_nothing_when_interrupted(tmp_path):
+    class Boom:
+        def __str__(self):
+            raise RuntimeError("interrupted")
+
+    target = tmp_path / "out.json"
+    with pytest.raises(TypeError):
+        records.atomic_write_text(target, Boom())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_broken_record_files_are_skipped_and_latest_wins(tmp_home):
+    records.write_record(chapter="x", profile="cpu", seed=0, parameters={}, metrics={"v": 1})
+    records.write_record(chapter="x", profile="cpu", seed=0, parameters={}, metrics={"v": 2})
+    (records.records_dir() / "broken.json").write_text("{not json")
+    assert len(records.load_records()) == 2
+    assert [r["metrics"]["v"] for r in records.latest_records()] == [2]
+
+
+def test_report_lists_every_claim_of_every_run(tmp_home):
+    for seed, measured in ((0, 2.0), (1, 0.5)):
+        book = claims.ClaimBook(C.make("01_pretraining", profile="cpu", seed=seed, strict=False))
+        book.check("gap", paper="Kaplan", claim="bigger is better", measured=measured, op=">", threshold=1)
+        book.finish()
+    md = report.markdown()
+    assert "cpu / seed 0" in md and "cpu / seed 1" in md
+    assert "holds" in md and "does NOT hold" in md
+    assert "bigger is better" in report.text()

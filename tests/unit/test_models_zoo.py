@@ -1,0 +1,120 @@
+import json
+
+import pytest
+import torch
+
+from ftbook import data as D, models, zoo
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    texts = D.world_documents(D.World(seed=0, n_entities=8), 200, seed=0)
+    return D.train_tokenizer(texts, vocab_size=300, cache_dir=tmp_path_factory.mktemp("tok"))
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("base", "must look like"),
+    ("zo:base", "did you mean 'zoo:'"),
+    ("zoo:bse", "did you mean 'zoo:base'"),
+    ("hf:EleutherAI/pythia-160m", "offline"),
+    ("path:/nonexistent/folder", "does not exist"),
+])
+def test_bad_model_specs_fail_with_a_clear_message(spec, words, tmp_home):
+    with pytest.raises(models.ModelSpecError, match=words):
+        models.load(spec)
+    assert not (tmp_home / "zoo").exists()
+
+
+def test_tiny_models_are_seeded(tokenizer):
+    a, _ = models.load("tiny:llama?n_layer=1&d_model=32", tokenizer=tokenizer, seed=1)
+    b, _ = models.load("tiny:llama?n_layer=1&d_model=32", tokenizer=tokenizer, seed=1)
+    c, _ = models.load("tiny:gpt2?n_layer=1&d_model=32", tokenizer=tokenizer, seed=2)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert a.config.model_type == "llama" and c.config.model_type == "gpt2"
+
+
+def test_save_pretrained_folder_loads_like_a_hub_model(tmp_path, tokenizer):
+    """The hub path (`hf:`) and `path:` share load_pretrained; test it on a local folder."""
+    model, _ = models.load("tiny:llama?n_layer=1&d_model=32", tokenizer=tokenizer)
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    loaded, tok = models.load(f"path:{tmp_path / 'm'}")
+    ids = torch.tensor([tokenizer("kalo lives in paris .")["input_ids"]])
+    assert torch.allclose(model(ids).logits, loaded(ids).logits)
+    assert tok.pad_token is not None
+    # the same loader, given a hub-style name, reads the local folder too
+    direct, _ = models.load_pretrained(str(tmp_path / "m"))
+    assert torch.allclose(model(ids).logits, direct(ids).logits)
+
+
+def test_pickled_weights_are_refused(tmp_path, tokenizer):
+    model, _ = models.load("tiny:llama?n_layer=1&d_model=32", tokenizer=tokenizer)
+    model.save_pretrained(tmp_path / "m", safe_serialization=False)
+    for f in (tmp_path / "m").glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(models.ModelSpecError, match="safetensors"):
+        models.load(f"path:{tmp_path / 'm'}")
+
+
+def test_remote_code_is_never_run(tmp_path, tokenizer):
+    model, _ = models.load("tiny:llama?n_layer=1&d_model=32", tokenizer=tokenizer)
+    model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "evil.Model"}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "m" / "evil.py").write_text("raise SystemExit('remote code ran')\n")
+    try:
+        models.load(f"path:{tmp_path / 'm'}")
+    except (ValueError, OSError):
+        pass  # refusing is fine; running evil.py is not (SystemExit would escape)
+
+
+def test_zoo_trains_once_deterministically_and_keeps_checkpoints(tmp_home):
+    entry = zoo.pretrain("tiny", 0, profile="smoke", progress=False)
+    assert zoo.checkpoints("tiny", 0, "smoke") == ["step-10", "step-20", "final"]
+    first = (entry / "final" / "model.safetensors").read_bytes()
+    mtime = (entry / "manifest.json").stat().st_mtime
+    assert zoo.pretrain("tiny", 0, profile="smoke").stat().st_mtime and \
+        (entry / "manifest.json").stat().st_mtime == mtime  # cached: not trained again
+    other = tmp_home.parent / "other-home"
+    import os
+
+    os.environ["FTBOOK_HOME"] = str(other)
+    again = zoo.pretrain("tiny", 0, profile="smoke", progress=False)
+    assert (again / "final" / "model.safetensors").read_bytes() == first  # same seed, same weights
+    model, tok = zoo.load("tiny", 0, step="step-10", profile="smoke")
+    assert model.config.num_hidden_layers == 1
+    with pytest.raises(models.ModelSpecError, match="no checkpoint 'step-7'"):
+        zoo.load("tiny", 0, step="step-7", profile="smoke")
+
+
+def test_recipe_overrides_are_a_different_cache_entry():
+    assert zoo.recipe("base").key() != zoo.recipe("base", n_layer=4).key()
+    assert zoo.recipe("base").key() == zoo.recipe("base", n_layer=2).key()
+    assert zoo.recipe("base", "smoke").steps < zoo.recipe("base").steps
+    with pytest.raises(models.ModelSpecError, match="did you mean 'n_layer'"):
+        zoo.recipe("base", n_layers=4)
+
+
+def test_corrupted_cache_is_detected_removed_and_rebuilt(tmp_home):
+    entry = zoo.pretrain("tiny", 1, profile="smoke", progress=False)
+    weights = entry / "final" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+    with pytest.raises(zoo.CorruptCheckpointError, match="corrupted"):
+        zoo.load("tiny", 1, profile="smoke")
+    assert not entry.exists()  # no corrupt cache left behind
+    model, _ = zoo.load("tiny", 1, profile="smoke", progress=False)  # the next call re-trains it
+    assert (entry / "manifest.json").exists()
+
+
+def test_an_interrupted_pretraining_leaves_no_cache_entry(tmp_home, monkeypatch):
+    from ftbook import train as T
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "train", crash)
+    with pytest.raises(KeyboardInterrupt):
+        zoo.pretrain("tiny", 2, profile="smoke", progress=False)
+    assert not zoo.is_cached("tiny", 2, "smoke")

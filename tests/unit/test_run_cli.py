@@ -1,0 +1,89 @@
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from ftbook import cli, config as C, run
+
+FTBOOK = [sys.executable, "-m", "ftbook.cli"]
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["book"], ["report"], ["env"], ["data"], ["bench"]])
+def test_every_command_has_help(command):
+    done = subprocess.run(FTBOOK + command + ["--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "usage: ftbook" in done.stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    (["run", "01", "-p", "n_layr=4"], "did you mean 'n_layer'"),
+    (["run", "01", "--profile", "cpux"], "did you mean 'cpu'"),
+    (["run", "01", "-p", "lr=-0.1"], "'lr': must be a positive number"),
+    (["run", "99"], "unknown chapter"),
+    (["run", "01", "-p", "n_layer"], "key=value"),
+])
+def test_bad_input_is_one_clear_line_and_no_work(args, words, tmp_home):
+    done = subprocess.run(FTBOOK + args, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert words in done.stderr and "Traceback" not in done.stderr
+    assert not tmp_home.exists()  # nothing executed, cached or recorded
+
+
+def test_values_are_parsed_like_papermill():
+    assert cli.parse_parameters(["a=4", "b=1e-3", "c=true", "d=None", "e=tiny,base"]) == \
+        {"a": 4, "b": 1e-3, "c": True, "d": None, "e": "tiny,base"}
+
+
+def test_env_prints_versions_and_caches(tmp_home):
+    done = subprocess.run(FTBOOK + ["env"], capture_output=True, text=True)
+    info = json.loads(done.stdout)
+    assert info["versions"]["torch"].startswith("2.") and info["FTBOOK_HOME"] == str(tmp_home)
+    assert "01_pretraining.ipynb" in info["chapters"]
+
+
+def test_cache_key_follows_notebook_parameters_and_source(tmp_path, monkeypatch):
+    notebook = run.notebook_path("01")
+    key = run.cache_key(notebook, {"profile": "cpu", "seed": 0})
+    assert key == run.cache_key(notebook, {"profile": "cpu", "seed": 0})
+    assert key != run.cache_key(notebook, {"profile": "cpu", "seed": 1})
+    copy = tmp_path / notebook.name
+    nb = json.loads(notebook.read_text())
+    nb["cells"][0]["outputs"] = []  # outputs and execution counts do not matter ...
+    copy.write_text(json.dumps(nb))
+    assert run.cache_key(copy, {"profile": "cpu", "seed": 0}) == key
+    nb["cells"][-1]["source"] = ["# an edit\n"]  # ... a changed cell does
+    copy.write_text(json.dumps(nb))
+    assert run.cache_key(copy, {"profile": "cpu", "seed": 0}) != key
+    monkeypatch.setattr(run, "source_digest", lambda: "other ftbook source")
+    assert run.cache_key(notebook, {"profile": "cpu", "seed": 0}) != key
+
+
+def test_a_cached_execution_is_reused_not_rerun(tmp_home, monkeypatch):
+    calls = []
+
+    def fake_execute(src, dst, **kwargs):
+        calls.append(kwargs["parameters"])
+        shutil.copyfile(src, dst)
+
+    import papermill
+
+    monkeypatch.setattr(papermill, "execute_notebook", fake_execute)
+    first = run.execute("01", profile="smoke", seed=5, log=lambda *_: None)
+    second = run.execute("01", profile="smoke", seed=5, log=lambda *_: None)
+    assert len(calls) == 1 and not first.cached and second.cached and first.path == second.path
+    run.execute("01", profile="smoke", seed=5, parameters={"probe_facts": 4}, log=lambda *_: None)
+    assert len(calls) == 2 and calls[1]["probe_facts"] == 4
+
+
+def test_a_failed_execution_is_not_cached(tmp_home, monkeypatch):
+    import papermill
+
+    def failing(src, dst, **kwargs):
+        shutil.copyfile(src, dst)
+        raise papermill.PapermillExecutionError(1, 1, "x = 1", "ValueError", "boom", [])
+
+    monkeypatch.setattr(papermill, "execute_notebook", failing)
+    with pytest.raises(run.ChapterFailed, match="01_pretraining"):
+        run.execute("01", profile="smoke", seed=6, log=lambda *_: None)
+    assert not list(run.cache_dir().glob("*.ipynb"))
