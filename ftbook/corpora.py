@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from ftbook.records import ftbook_home
+from ftbook.records import ftbook_home, sha256_file
 
 # The corpora, in the order the book introduces them. A test checks that the manifests define
 # exactly these names.
@@ -178,16 +178,8 @@ def source_of(name: str) -> Source:
 
 
 # --- fetching and verifying archives --------------------------------------------------------------
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify_sha256(path: Path, expected: str, what: str) -> None:
-    actual = sha256_of(path)
+    actual = sha256_file(path)
     if actual != expected.lower():
         raise ChecksumError(f"{path.name} has sha256 {actual}, but {what} pins {expected}. It is not the archive "
                             f"the book was built from (tampered, corrupted or re-released); nothing was prepared.")
@@ -433,7 +425,7 @@ def build_jargon(deb: Path, out: Path | None = None) -> Path:
     tmp_path = out.with_name(f".{out.name}.tmp")
     tmp_path.write_bytes(buffer.getvalue())
     os.replace(tmp_path, out)
-    digest = sha256_of(out)
+    digest = sha256_file(out)
     print(f"{out}: {len(entries)} entries, {sum(len(e['text']) for e in entries)} characters, "
           f"{out.stat().st_size} bytes, sha256 {digest}")
     if digest != source.committed_sha256:

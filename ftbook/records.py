@@ -45,6 +45,17 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks (checkpoints, downloaded archives)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def git_sha() -> str | None:
     root = Path(__file__).resolve().parent.parent
     try:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from . import data as D
-from .records import atomic_write_text, ftbook_home
+from .records import atomic_write_text, ftbook_home, sha256_file
 
 ZOO_FORMAT = 1  # bump when the corpus or training code changes what a recipe produces
 
@@ -127,14 +127,6 @@ def entry_dir(name: str, recipe: Recipe, seed: int) -> Path:
     return ftbook_home() / "zoo" / f"{name}-s{seed}-{recipe.key()}"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @contextlib.contextmanager
 def _locked(path: Path):
     """An exclusive file lock: two processes asking for the same model train it once."""
@@ -152,7 +144,7 @@ def verify(entry: Path) -> dict:
     manifest_path = entry / "manifest.json"
     try:
         manifest = json.loads(manifest_path.read_text())
-        bad = [rel for rel, digest in manifest["files"].items() if _sha256(entry / rel) != digest]
+        bad = [rel for rel, digest in manifest["files"].items() if sha256_file(entry / rel) != digest]
     except (OSError, json.JSONDecodeError, KeyError) as exc:
         bad = [f"manifest.json ({exc.__class__.__name__})"]
     if bad:
@@ -220,7 +212,7 @@ def _pretrain_into(entry: Path, name: str, rec: Recipe, seed: int, progress: boo
             "train_tokens": int(rec.steps * rec.batch_size * rec.seq_len), "train_seconds": round(seconds, 1),
             "corpus_documents": len(texts["train"])}
     (work / "info.json").write_text(json.dumps(info, indent=2))
-    files = {str(p.relative_to(work)): _sha256(p) for p in sorted(work.rglob("*")) if p.is_file()}
+    files = {str(p.relative_to(work)): sha256_file(p) for p in sorted(work.rglob("*")) if p.is_file()}
     atomic_write_text(work / "manifest.json", json.dumps({"files": files, "created": time.time()}, indent=1))
     if entry.exists():
         shutil.rmtree(entry)
