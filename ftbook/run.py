@@ -125,6 +125,9 @@ def execute(chapter: str, *, profile: str = "cpu", seed: int = 0, parameters: Ma
     """
     import papermill
 
+    # Kernels inherit the environment: no per-step progress bars inside executed notebooks
+    # (papermill's own per-cell bar, `--progress`, shows where a run is).
+    os.environ.setdefault("FTBOOK_PROGRESS", "0")
     path = notebook_path(chapter)
     name = path.stem
     clean = C.validate_overrides(name, profile, dict(parameters or {}))  # raises before any work

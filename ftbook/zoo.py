@@ -190,7 +190,9 @@ def _pretrain_into(entry: Path, name: str, rec: Recipe, seed: int, progress: boo
     cfg = TrainConfig(steps=rec.steps, lr=rec.lr, batch_size=rec.batch_size, warmup_steps=rec.warmup_steps,
                       schedule=rec.schedule, eval_every=rec.eval_every, seed=seed,
                       checkpoint_steps=keep + (rec.steps,), checkpoint_dir=str(work / "train"),
-                      progress=progress, desc=f"pre-train zoo:{name} (seed {seed})")
+                      progress=progress, desc=f"pre-train zoo:{name} (seed {seed})",
+                      # a GPU when there is one (bf16/fp16 from the device); on a CPU: fp32, bit-reproducible
+                      device="auto", precision="auto")
     started = time.perf_counter()
     history = train(model, train_blocks, cfg, eval_data=evals)
     seconds = time.perf_counter() - started

@@ -1,0 +1,23 @@
+"""Validators shared by several chapters' knobs. Each raises ValueError with the reason; the config
+layer turns it into one ConfigError naming the parameter."""
+from __future__ import annotations
+
+
+def at_least(minimum: int):
+    def check(value: int) -> None:
+        if value < minimum:
+            raise ValueError(f"must be at least {minimum}, got {value}")
+    return check
+
+
+def check_open_unit(value: float) -> None:
+    if not 0 < value < 1:
+        raise ValueError(f"must lie strictly between 0 and 1, got {value}")
+
+
+def comma_list(value: str, kind=float) -> list:
+    """'0.01, 0.05' -> [0.01, 0.05]; raises ValueError naming what was expected."""
+    try:
+        return [kind(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"must be comma-separated {kind.__name__} values, got {value!r}") from None
