@@ -26,7 +26,7 @@ import torch
 from . import data as D
 from .records import atomic_write_text, ftbook_home, sha256_file
 
-ZOO_FORMAT = 1  # bump when the corpus or training code changes what a recipe produces
+ZOO_FORMAT = 2  # 2: "final" really is the last step (1 saved the last kept step there). Bump when the corpus or training code changes what a recipe produces
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -198,11 +198,13 @@ def _pretrain_into(entry: Path, name: str, rec: Recipe, seed: int, progress: boo
     seconds = time.perf_counter() - started
 
     # Export every kept step as a loadable model folder (safetensors + config + tokenizer).
-    final = model.state_dict()
-    for step in keep + (rec.steps,):
-        folder = work / ("final" if step == rec.steps else f"step-{step}")
-        from safetensors.torch import load_file
+    # A copy, not model.state_dict(): that returns the live tensors, which loading an intermediate
+    # step would overwrite (zoo format 1 saved step-800's weights as "final" that way).
+    from safetensors.torch import load_file
 
+    final = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for step in (rec.steps,) + keep:
+        folder = work / ("final" if step == rec.steps else f"step-{step}")
         if step != rec.steps:
             model.load_state_dict({**final, **load_file(str(work / "train" / f"step-{step}" / "trainable.safetensors"))})
         model.save_pretrained(folder, safe_serialization=True)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ftbook import data as D, models, zoo
+from ftbook.train import evaluate_loss
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +86,17 @@ def test_zoo_trains_once_deterministically_and_keeps_checkpoints(tmp_home):
     assert (again / "final" / "model.safetensors").read_bytes() == first  # same seed, same weights
     model, tok = zoo.load("tiny", 0, step="step-10", profile="smoke")
     assert model.config.num_hidden_layers == 1
+    # Every kept step is its own weights, and "final" is the end of training, not the last kept step.
+    from safetensors.torch import load_file
+
+    weights = {step: load_file(str(again / step / "model.safetensors")) for step in ("step-10", "step-20", "final")}
+    for a, b in (("step-10", "step-20"), ("step-20", "final")):
+        assert any(not torch.equal(weights[a][k], weights[b][k]) for k in weights[a]), f"{a} == {b}"
+    final_loss = zoo.history("tiny", 0, "smoke")["eval/world"].iloc[-1]
+    final_model, _ = zoo.load("tiny", 0, profile="smoke")
+    blocks = D.pack(zoo.corpus(zoo.recipe("tiny", "smoke"), 0)["val/world"], tok, zoo.recipe("tiny", "smoke").seq_len,
+                    max_blocks=64)
+    assert abs(evaluate_loss(final_model, blocks) - final_loss) < 1e-4  # the saved final is the trained model
     with pytest.raises(models.ModelSpecError, match="no checkpoint 'step-7'"):
         zoo.load("tiny", 0, step="step-7", profile="smoke")
 
