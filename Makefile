@@ -16,10 +16,11 @@ help:
 	@echo "make smoke  - only the chapters at the smoke profile (seconds each)"
 	@echo "make unit   - only the package's unit tests"
 
-# The stamp depends on the lock and pyproject: edit either and `make setup` re-installs; otherwise nothing.
-$(VENV)/.installed: requirements-lock.txt pyproject.toml
+# The stamp depends on the lock files and pyproject: edit either and `make setup` re-installs; otherwise nothing.
+$(VENV)/.installed: requirements-lock.txt requirements-nodeps.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-lock.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	@touch $@
 
