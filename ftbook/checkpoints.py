@@ -1,0 +1,385 @@
+"""How much pre-training does fine-tuning need? Fine-tuning and probing pre-training checkpoints (chapter 8).
+
+The setting. Chapter 1's zoo keeps intermediate checkpoints of its base model (``step-100`` ... ``final``),
+pre-trained on a synthetic world whose prose performs small procedures in passing ("of the numbers 3 9 4
+the largest is 9"). A *downstream task* here is one of those procedures asked as an instruction in the chat
+format pre-training never showed ("<|user|> what is the largest of 3 9 4 ? <|assistant|> 9"). For every
+checkpoint and task we measure:
+
+* **zero-shot** — the checkpoint prompted the way pre-training wrote the task (the cloze of its narrative,
+  ``of the numbers 3 9 4 the largest is``): what the checkpoint can already do (Amuro & Char's "before");
+* **fine-tuned** — a copy tuned briefly on instruction pairs (loss on the answer tokens only), asked held-out
+  examples in the tuned wordings (their "after");
+* **linear probe** — the checkpoint frozen as a feature extractor: a multinomial logistic regression on its
+  last hidden state at the instruction's last token (Deng et al.'s probe).
+
+Every accuracy ranks all candidate answers of the task by the model's log-likelihood after the prompt (no
+sampling, no parsing), so before, after and every wording are scored the same way.
+
+Also here: what fine-tuning costs (:func:`wording_gap`, the gap between tuned and held-out wordings; fact
+recall before and after is :func:`ftbook.evaluate.fact_probe`), small pre-training runs with a varying
+amount of task-aligned or misaligned data (:func:`pretrain_snapshots`, Isik et al.), and the log-law fit with
+its residuals (:func:`log_law_fit`).
+"""
+from __future__ import annotations
+
+import copy
+import random
+import string
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from . import data as D
+
+# The wordings a fine-tune sees; the others are held out to measure prompt sensitivity.
+TUNED_PHRASINGS = (0, 1, 2)
+HELD_OUT_PHRASINGS = (3, 4)
+
+
+# --- tasks: candidates, native (pre-training) prompts, instruction prompts ------------------------------------
+def answer_candidates(family: str) -> list[str]:
+    """Every answer a task family can give (the ranking's label set); families with open-ended answers
+    (``sort``, ``reverse``) cannot be scored this way and raise."""
+    cands = {
+        "add": range(19), "max": range(10), "min": range(10), "first": range(10), "last": range(10),
+        "length": range(3, 6), "count": range(1, 8), "successor": range(1, 100),
+    }
+    if family == "parity":
+        return ["even", "odd"]
+    if family not in cands:
+        raise ValueError(f"task family {family!r} has no closed answer set; choose from "
+                         f"{', '.join(sorted([*cands, 'parity']))}")
+    return [str(x) for x in cands[family]]
+
+
+def _fields(template: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def native_templates(family: str) -> list[str]:
+    """The family's narrative sentences cut before ``{answer}`` — prompts in pre-training's own wording.
+
+    Only narratives whose every argument precedes the answer qualify (``{x} shows up {answer} times in
+    {xs}`` would ask for the answer before showing the list)."""
+    out = []
+    for narrative in D.TASKS[family].narratives:
+        head = narrative.split("{answer}")[0]
+        if "{answer}" in narrative and set(_fields(narrative)) - {"answer"} <= set(_fields(head)):
+            out.append(head.rstrip())
+    if not out:
+        raise ValueError(f"task family {family!r} has no narrative that states its answer last")
+    return out
+
+
+@dataclass(frozen=True)
+class Example:
+    """One sampled instance of a task: its arguments (as the family's sampler returns them) and answer."""
+
+    family: str
+    args: dict
+
+    @property
+    def answer(self) -> str:
+        return str(self.args["answer"])
+
+    def instruction(self, phrasing: int) -> str:
+        return D.TASKS[self.family].instructions[phrasing].format(**self.args)
+
+    def native_prompt(self, template: int) -> str:
+        return native_templates(self.family)[template].format(**self.args)
+
+
+def sample_examples(family: str, n: int, *, seed: int, split: str) -> list[Example]:
+    """``n`` examples of a family; ``split`` ('train' / 'test' / anything) names an independent stream."""
+    rng = random.Random(f"ch08-{family}-{split}-{seed}")
+    return [Example(family, D.TASKS[family].sample(rng)) for _ in range(n)]
+
+
+def instruction_rows(examples: Sequence[Example], phrasings: Sequence[int], *, seed: int) -> list[tuple[str, str]]:
+    """(instruction, answer) pairs, each example in one wording drawn from ``phrasings``."""
+    rng = random.Random(f"wording-{seed}")
+    return [(ex.instruction(rng.choice(list(phrasings))), ex.answer) for ex in examples]
+
+
+# --- scoring --------------------------------------------------------------------------------------------------
+def ranked_accuracy(model, tokenizer, prompts: Sequence[str], answers: Sequence[str],
+                    candidates: Sequence[str], batch_size: int = 128) -> float:
+    """Share of prompts whose true answer the model ranks first among ``candidates`` (summed log-probability
+    of ``" " + candidate`` after the prompt; ties go to the earlier candidate)."""
+    if len(prompts) != len(answers):
+        raise ValueError("prompts and answers differ in length")
+    if not prompts:
+        return float("nan")
+    cands = list(candidates)
+    missing = {a for a in answers if a not in cands}
+    if missing:
+        raise ValueError(f"answers {sorted(missing)[:3]} are not among the candidates")
+    scores = candidate_scores(model, tokenizer, prompts, cands, batch_size=batch_size)
+    best = scores.argmax(axis=1)
+    return float(np.mean([cands[b] == a for b, a in zip(best, answers)]))
+
+
+@torch.no_grad()
+def candidate_scores(model, tokenizer, prompts: Sequence[str], candidates: Sequence[str],
+                     batch_size: int = 128) -> np.ndarray:
+    """(prompts x candidates) log-probabilities of ``" " + candidate`` after each prompt.
+
+    When every candidate is a single token (digits, ``even``/``odd`` in the book's vocabulary) one forward pass
+    per prompt reads them all off the next-token distribution; otherwise each pair is scored in full."""
+    from .evaluate import continuation_logprobs
+
+    cand_ids = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in candidates]
+    if any(len(ids) != 1 for ids in cand_ids):
+        flat = continuation_logprobs(model, tokenizer, [p for p in prompts for _ in candidates],
+                                     [" " + c for _ in prompts for c in candidates], batch_size=batch_size)
+        return flat.reshape(len(prompts), len(candidates))
+    index = torch.tensor([ids[0] for ids in cand_ids])
+    device = next(model.parameters()).device
+    model.eval()
+    ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    out = []
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start:start + batch_size]
+        width = max(len(r) for r in chunk)
+        batch = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(batch)
+        for i, r in enumerate(chunk):
+            batch[i, :len(r)] = torch.tensor(r)
+            mask[i, :len(r)] = 1
+        logits = model(input_ids=batch.to(device), attention_mask=mask.to(device)).logits.float()
+        last = logits[torch.arange(len(chunk)), (mask.sum(1) - 1).to(device)]
+        out.append(torch.log_softmax(last, -1)[:, index.to(device)].cpu())
+    return torch.cat(out).numpy().astype(float)
+
+
+def zero_shot_accuracy(model, tokenizer, examples: Sequence[Example]) -> float:
+    """The checkpoint asked in pre-training's own wording (each native template in turn, averaged)."""
+    family = examples[0].family
+    prompts, answers = [], []
+    for t in range(len(native_templates(family))):
+        prompts += [ex.native_prompt(t) for ex in examples]
+        answers += [ex.answer for ex in examples]
+    return ranked_accuracy(model, tokenizer, prompts, answers, answer_candidates(family))
+
+
+def instruction_accuracy(model, tokenizer, examples: Sequence[Example], phrasings: Sequence[int]) -> float:
+    """Accuracy on instructions in the chat format, every example asked in every wording of ``phrasings``."""
+    prompts = [D.chat_prompt(ex.instruction(p)) for p in phrasings for ex in examples]
+    answers = [ex.answer for _ in phrasings for ex in examples]
+    return ranked_accuracy(model, tokenizer, prompts, answers, answer_candidates(examples[0].family))
+
+
+def accuracy_by_wording(model, tokenizer, examples: Sequence[Example]) -> dict[int, float]:
+    """Instruction accuracy per wording (phrasing index -> accuracy)."""
+    n = len(D.TASKS[examples[0].family].instructions)
+    return {p: instruction_accuracy(model, tokenizer, examples, [p]) for p in range(n)}
+
+
+def wording_gap(by_wording: dict[int, float], tuned: Sequence[int] = TUNED_PHRASINGS,
+                held_out: Sequence[int] = HELD_OUT_PHRASINGS) -> float:
+    """Prompt sensitivity: mean accuracy on the tuned wordings minus on the held-out ones (0 = insensitive)."""
+    return float(np.mean([by_wording[p] for p in tuned]) - np.mean([by_wording[p] for p in held_out]))
+
+
+# --- fine-tuning ----------------------------------------------------------------------------------------------
+def finetune(model, tokenizer, examples: Sequence[Example], *, steps: int, lr: float, batch_size: int = 16,
+             seq_len: int = 40, seed: int = 0, phrasings: Sequence[int] = TUNED_PHRASINGS,
+             device: str = "cpu", progress: bool = False, desc: str = "fine-tune"):
+    """A fine-tuned *copy* of ``model``: instruction pairs in the chat format, loss on the answer tokens only.
+
+    Warm-up over the first tenth, cosine decay; the same data order for every checkpoint (seeded), so that
+    checkpoints differ only in their weights."""
+    from .train import TrainConfig, train
+
+    tuned = copy.deepcopy(model)
+    rows = D.encode_instructions(instruction_rows(examples, phrasings, seed=seed), tokenizer, seq_len)
+    config = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, warmup_steps=max(1, steps // 10),
+                         schedule="cosine", weight_decay=0.0, seed=seed, device=device, progress=progress, desc=desc)
+    train(tuned, rows, config)
+    tuned.eval()
+    return tuned
+
+
+# --- the frozen model as a feature extractor ------------------------------------------------------------------
+@torch.no_grad()
+def last_token_features(model, tokenizer, texts: Sequence[str], batch_size: int = 128) -> torch.Tensor:
+    """The last layer's hidden state at each text's last token (right padding, so the position varies)."""
+    device = next(model.parameters()).device
+    model.eval()
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    pad = tokenizer.pad_token_id
+    out = []
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start:start + batch_size]
+        width = max(len(r) for r in chunk)
+        batch = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(batch)
+        for i, r in enumerate(chunk):
+            batch[i, :len(r)] = torch.tensor(r)
+            mask[i, :len(r)] = 1
+        hidden = model(input_ids=batch.to(device), attention_mask=mask.to(device),
+                       output_hidden_states=True).hidden_states[-1].float()
+        last = mask.sum(1) - 1
+        out.append(hidden[torch.arange(len(chunk)), last.to(device)].cpu())
+    return torch.cat(out)
+
+
+def linear_probe(train_x: torch.Tensor, train_y: Sequence[int], test_x: torch.Tensor, test_y: Sequence[int], *,
+                 n_classes: int, l2: float = 1e-3, max_iter: int = 200) -> float:
+    """Test accuracy of a multinomial logistic regression on frozen features (standardised with the training
+    statistics; L2 penalty ``l2``; full-batch L-BFGS from zero, so the result is deterministic)."""
+    train_x, test_x = train_x.double(), test_x.double()
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    xa, xb = (train_x - mean) / std, (test_x - mean) / std
+    ya = torch.as_tensor(list(train_y), dtype=torch.long)
+    yb = torch.as_tensor(list(test_y), dtype=torch.long)
+    weight = torch.zeros(xa.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, line_search_fn="strong_wolfe",
+                                  tolerance_grad=1e-9, tolerance_change=1e-12)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(xa @ weight + bias, ya) + l2 * (weight ** 2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        return float(((xb @ weight + bias).argmax(1) == yb).double().mean())
+
+
+def probe_accuracy(model, tokenizer, train: Sequence[Example], test: Sequence[Example], *,
+                   phrasing: int = 0, l2: float = 1e-3) -> float:
+    """Linear-probe accuracy of a frozen checkpoint on a task: features of the instruction in the chat format
+    (the input fine-tuning sees), labels = the answer's index among the family's candidates."""
+    cands = answer_candidates(train[0].family)
+    feats = last_token_features(model, tokenizer, [D.chat_prompt(ex.instruction(phrasing)) for ex in [*train, *test]])
+    label = [cands.index(ex.answer) for ex in [*train, *test]]
+    return linear_probe(feats[:len(train)], label[:len(train)], feats[len(train):], label[len(train):],
+                        n_classes=len(cands), l2=l2)
+
+
+# --- fits and summaries ---------------------------------------------------------------------------------------
+def log_law_fit(amounts: Sequence[float], scores: Sequence[float]) -> dict:
+    """Least-squares fit of ``score = a + b · ln(amount)`` (Isik et al.'s log-law with exponent β = 1).
+
+    Returns a, b (the gain per e-fold of data), r2, the fitted values and the residuals (measured − fitted)."""
+    x = np.log(np.asarray(amounts, dtype=float))
+    y = np.asarray(scores, dtype=float)
+    if len(x) < 3:
+        raise ValueError("a log-law fit needs at least three amounts")
+    if np.any(~np.isfinite(x)):
+        raise ValueError("amounts must be positive")
+    b, a = np.polyfit(x, y, 1)
+    fitted = a + b * x
+    ss_res = float(((y - fitted) ** 2).sum())
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    return {"a": float(a), "b": float(b), "r2": 1 - ss_res / ss_tot if ss_tot > 0 else float("nan"),
+            "fitted": fitted, "residuals": y - fitted, "max_abs_residual": float(np.abs(y - fitted).max())}
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+    def ranks(v):
+        v = np.asarray(v, dtype=float)
+        order = np.argsort(v, kind="mergesort")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v), dtype=float)
+        for value in np.unique(v):  # ties share their mean rank
+            tied = v == value
+            r[tied] = r[tied].mean()
+        return r
+
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def step_of(name: str, final_step: int) -> int:
+    """``'step-400'`` -> 400, ``'final'`` -> ``final_step``; hub revisions ``'step3000'`` -> 3000."""
+    if name == "final":
+        return final_step
+    digits = name.replace("step-", "").replace("step", "")
+    if not digits.isdigit():
+        raise ValueError(f"not a checkpoint name: {name!r}")
+    return int(digits)
+
+
+# --- small pre-training runs with a varying amount of (mis)aligned data (Isik et al.) --------------------------
+def pretrain_snapshots(model, blocks, *, snapshot_steps: Sequence[int], lr: float, batch_size: int,
+                       warmup_steps: int, seed: int, device: str = "cpu", progress: bool = False,
+                       desc: str = "pre-train") -> dict[int, dict[str, torch.Tensor]]:
+    """Pre-train ``model`` in place and keep its weights after each of ``snapshot_steps``.
+
+    The learning rate is held constant after the warm-up, so the snapshot at step ``s`` is (up to the data
+    order) the model one would get by pre-training on ``s`` batches — one run gives every data amount. Blocks
+    are not repeated as long as ``max(snapshot_steps) * batch_size <= len(blocks)``."""
+    from .train import TrainConfig, train
+
+    wanted = sorted(set(int(s) for s in snapshot_steps))
+    if not wanted or wanted[0] < 1:
+        raise ValueError(f"snapshot_steps must be positive, got {snapshot_steps}")
+    keep: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_step(step, core):
+        if step in wanted:
+            keep[step] = {k: v.detach().clone() for k, v in core.state_dict().items()}
+
+    config = TrainConfig(steps=wanted[-1], lr=lr, batch_size=batch_size, warmup_steps=min(warmup_steps, wanted[0]),
+                         schedule="constant", seed=seed, device=device, progress=progress, desc=desc)
+    train(model, blocks, config, on_step=on_step)
+    return keep
+
+
+def answer_loss(model, tokenizer, examples: Sequence[Example], phrasings: Sequence[int], seq_len: int = 40) -> float:
+    """Mean cross-entropy of the answer tokens (and the end token) given the instruction: the downstream loss."""
+    from .train import evaluate_loss
+
+    rows = D.encode_instructions(instruction_rows(examples, phrasings, seed=0), tokenizer, seq_len)
+    return evaluate_loss(model, rows)
+
+
+# --- the chapter's grid: every checkpoint x every task ----------------------------------------------------------
+def evaluate_checkpoint(model, tokenizer, family: str, train: Sequence[Example], test: Sequence[Example], *,
+                        finetune_steps: int, finetune_lr: float, finetune_batch: int, seq_len: int, seed: int,
+                        probe_l2: float = 1e-3, facts=None, device: str = "cpu", desc: str = "fine-tune") -> dict:
+    """One cell of the grid: zero-shot, linear probe, fine-tune, and what the fine-tune cost.
+
+    Returns accuracies (``zero_shot``, ``probe``, ``fine_tuned`` on the tuned wordings, ``held_out_wordings``),
+    the wording gap before (the checkpoint asked in the chat format) and after fine-tuning, and — if ``facts`` are
+    given — fact recall before and after (:func:`ftbook.evaluate.fact_probe`)."""
+    from .evaluate import fact_probe
+
+    before = accuracy_by_wording(model, tokenizer, test)
+    row = {"task": family,
+           "zero_shot": zero_shot_accuracy(model, tokenizer, test),
+           "probe": probe_accuracy(model, tokenizer, train, test, l2=probe_l2),
+           "gap_before": wording_gap(before)}
+    tuned = finetune(model, tokenizer, train, steps=finetune_steps, lr=finetune_lr, batch_size=finetune_batch,
+                     seq_len=seq_len, seed=seed, device=device, desc=desc)
+    after = accuracy_by_wording(tuned, tokenizer, test)
+    row.update(fine_tuned=float(np.mean([after[p] for p in TUNED_PHRASINGS])),
+               held_out_wordings=float(np.mean([after[p] for p in HELD_OUT_PHRASINGS])),
+               gap_after=wording_gap(after),
+               zero_shot_after=zero_shot_accuracy(tuned, tokenizer, test))
+    if facts is not None:
+        row.update(facts_before=fact_probe(model, tokenizer, facts)["accuracy"],
+                   facts_after=fact_probe(tuned, tokenizer, facts)["accuracy"])
+    return row
+
+
+def weights_digest(model) -> str:
+    """A short fingerprint of a model's weights: two checkpoints with the same digest are the same model
+    (used to skip a checkpoint folder that merely repeats the previous one)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

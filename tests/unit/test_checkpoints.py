@@ -1,0 +1,191 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from ftbook import checkpoints as K
+from ftbook import config as C
+from ftbook import data as D
+from ftbook import evaluate as E
+from ftbook import models
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # One torch thread, as the chapters run: on a busy 2-core machine, more threads only contend.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    texts = D.world_documents(D.World(seed=0, n_entities=8), 300, seed=0)
+    return D.train_tokenizer(texts, vocab_size=320, cache_dir=tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer):
+    model, _ = models.load("tiny:llama?n_layer=1&d_model=32", tokenizer=tokenizer, seed=0)
+    return model.eval()
+
+
+def test_native_templates_ask_for_the_answer_after_every_argument():
+    assert K.native_templates("max") == ["of the numbers {xs} the largest is", "among {xs} ,"]
+    # "{x} shows up {answer} times in {xs}" would ask before showing the list: left out
+    assert K.native_templates("count") == ["in {xs} the number {x} appears"]
+    assert K.native_templates("length") == ["the list {xs} has"]
+    for family in ("parity", "first", "last", "min", "add", "count", "successor"):
+        for template in K.native_templates(family):
+            assert "{answer}" not in template
+
+
+def test_examples_are_seeded_and_their_answers_are_candidates():
+    a = K.sample_examples("count", 20, seed=3, split="test")
+    b = K.sample_examples("count", 20, seed=3, split="test")
+    c = K.sample_examples("count", 20, seed=3, split="train")
+    assert a == b and a != c
+    for family in ("parity", "first", "max", "length", "count", "add", "successor"):
+        for ex in K.sample_examples(family, 50, seed=0, split="x"):
+            assert ex.answer in K.answer_candidates(family)
+            assert ex.answer not in ex.native_prompt(0).split()[-1:]  # the cloze stops before the answer
+    with pytest.raises(ValueError, match="no closed answer set"):
+        K.answer_candidates("sort")
+
+
+def test_instruction_rows_use_only_the_asked_wordings():
+    examples = K.sample_examples("max", 40, seed=0, split="train")
+    rows = K.instruction_rows(examples, (3, 4), seed=0)
+    heads = {D.TASKS["max"].instructions[p].split("{")[0] for p in (3, 4)}
+    assert all(any(q.startswith(h) for h in heads) for q, _ in rows)
+    assert [a for _, a in rows] == [ex.answer for ex in examples]
+
+
+def test_fast_single_token_scores_equal_full_continuation_scores(tokenizer, tiny):
+    cands = K.answer_candidates("max")
+    assert all(len(tokenizer(" " + c, add_special_tokens=False)["input_ids"]) == 1 for c in cands)
+    examples = K.sample_examples("max", 6, seed=0, split="test")
+    prompts = [D.chat_prompt(ex.instruction(0)) for ex in examples] + [ex.native_prompt(1) for ex in examples]
+    fast = K.candidate_scores(tiny, tokenizer, prompts, cands, batch_size=4)
+    slow = E.continuation_logprobs(tiny, tokenizer, [p for p in prompts for _ in cands],
+                                   [" " + c for _ in prompts for c in cands]).reshape(len(prompts), len(cands))
+    np.testing.assert_allclose(fast, slow, atol=1e-4)
+
+
+def test_ranked_accuracy_counts_the_top_candidate(tokenizer, tiny):
+    examples = K.sample_examples("first", 30, seed=0, split="test")
+    prompts = [ex.native_prompt(0) for ex in examples]
+    scores = K.candidate_scores(tiny, tokenizer, prompts, K.answer_candidates("first"))
+    top = [K.answer_candidates("first")[i] for i in scores.argmax(1)]
+    acc = K.ranked_accuracy(tiny, tokenizer, prompts, [ex.answer for ex in examples], K.answer_candidates("first"))
+    assert acc == pytest.approx(np.mean([t == ex.answer for t, ex in zip(top, examples)]))
+    # answering with the model's own choice is right every time
+    assert K.ranked_accuracy(tiny, tokenizer, prompts, top, K.answer_candidates("first")) == 1.0
+    with pytest.raises(ValueError, match="not among the candidates"):
+        K.ranked_accuracy(tiny, tokenizer, prompts[:1], ["12"], K.answer_candidates("first"))
+
+
+def test_finetuning_returns_a_tuned_copy_that_learns_the_task(tokenizer, tiny):
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    train = K.sample_examples("parity", 64, seed=0, split="train")
+    test = K.sample_examples("parity", 32, seed=0, split="test")
+    loss_before = K.answer_loss(tiny, tokenizer, test, K.TUNED_PHRASINGS)
+    tuned = K.finetune(tiny, tokenizer, train, steps=30, lr=3e-3, batch_size=8, seed=0)
+    assert all(torch.equal(v, tiny.state_dict()[k]) for k, v in before.items())  # the checkpoint is untouched
+    assert K.answer_loss(tuned, tokenizer, test, K.TUNED_PHRASINGS) < loss_before - 0.5
+    again = K.finetune(tiny, tokenizer, train, steps=30, lr=3e-3, batch_size=8, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), again.state_dict().values()))
+
+
+def test_linear_probe_separates_separable_classes_and_not_random_labels():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=g) * 3
+    y = torch.arange(400) % 4
+    x = centres[y] + torch.randn(400, 16, generator=g)
+    assert K.linear_probe(x[:300], y[:300].tolist(), x[300:], y[300:].tolist(), n_classes=4) >= 0.95
+    shuffled = y[torch.randperm(400, generator=g)]
+    noise = torch.randn(400, 16, generator=g)
+    acc = K.linear_probe(noise[:300], shuffled[:300].tolist(), noise[300:], shuffled[300:].tolist(), n_classes=4)
+    assert acc < 0.45  # chance is 0.25
+    again = K.linear_probe(x[:300], y[:300].tolist(), x[300:], y[300:].tolist(), n_classes=4)
+    assert again == K.linear_probe(x[:300], y[:300].tolist(), x[300:], y[300:].tolist(), n_classes=4)
+
+
+def test_probe_accuracy_on_a_frozen_checkpoint_is_a_share(tokenizer, tiny):
+    train = K.sample_examples("first", 64, seed=0, split="train")
+    test = K.sample_examples("first", 32, seed=0, split="test")
+    acc = K.probe_accuracy(tiny, tokenizer, train, test)
+    assert 0 <= acc <= 1
+    feats = K.last_token_features(tiny, tokenizer, ["sort 1 2 .", "what is the first number in 3 4 5 ?"])
+    alone = K.last_token_features(tiny, tokenizer, ["sort 1 2 ."])
+    assert feats.shape == (2, 32) and torch.allclose(feats[0], alone[0], atol=1e-5)  # padding does not leak
+
+
+def test_log_law_fit_recovers_a_line_in_log_amount_and_reports_residuals():
+    amounts = np.array([10, 20, 40, 80, 160])
+    fit = K.log_law_fit(amounts, 0.1 + 0.05 * np.log(amounts))
+    assert fit["a"] == pytest.approx(0.1) and fit["b"] == pytest.approx(0.05) and fit["r2"] == pytest.approx(1.0)
+    assert np.allclose(fit["residuals"], 0, atol=1e-12)
+    bumpy = K.log_law_fit(amounts, [0.2, 0.5, 0.1, 0.4, 0.2])
+    assert bumpy["r2"] < 0.3 and bumpy["max_abs_residual"] > 0.1
+    with pytest.raises(ValueError):
+        K.log_law_fit([1, 2], [0.1, 0.2])
+
+
+def test_spearman_and_wording_gap():
+    assert K.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert K.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert K.spearman([1, 1, 2, 3], [1, 2, 3, 4]) == pytest.approx(np.corrcoef([0.5, 0.5, 2, 3], [0, 1, 2, 3])[0, 1])
+    assert K.wording_gap({0: 0.9, 1: 0.8, 2: 0.7, 3: 0.5, 4: 0.3}) == pytest.approx(0.4)
+    assert K.step_of("step-400", 1200) == 400 and K.step_of("final", 1200) == 1200
+    assert K.step_of("step3000", 143000) == 3000
+
+
+def test_pretrain_snapshots_keep_the_weights_of_each_asked_step(tokenizer):
+    texts = D.world_documents(D.World(seed=1, n_entities=8), 200, seed=1)
+    blocks = D.pack(texts, tokenizer, 32)
+    model, _ = models.load("tiny:llama?n_layer=1&d_model=32", tokenizer=tokenizer, seed=0)
+    snaps = K.pretrain_snapshots(model, blocks, snapshot_steps=[2, 4, 6], lr=3e-3, batch_size=4, warmup_steps=2,
+                                 seed=0)
+    assert sorted(snaps) == [2, 4, 6]
+    assert all(torch.equal(snaps[6][k], v) for k, v in model.state_dict().items())
+    assert not torch.equal(snaps[2]["model.embed_tokens.weight"], snaps[6]["model.embed_tokens.weight"])
+    with pytest.raises(ValueError):
+        K.pretrain_snapshots(model, blocks, snapshot_steps=[0], lr=1e-3, batch_size=4, warmup_steps=0, seed=0)
+
+
+@pytest.mark.parametrize("overrides, parameter", [
+    (dict(tasks="parity,sort"), "tasks"),
+    (dict(tasks="partiy"), "tasks"),
+    (dict(tasks="max,max"), "tasks"),
+    (dict(scaling_tasks="reverse"), "scaling_tasks"),
+    (dict(finetune_steps=0), "finetune_steps"),
+    (dict(finetune_lr=-1e-3), "finetune_lr"),
+    (dict(scaling_snapshots="40,20,80"), "scaling_snapshots"),
+    (dict(revisions="step1000"), "revisions"),
+    (dict(model="gpt2"), "model"),
+    (dict(test_examples=2), "test_examples"),
+    (dict(finetune_stpes=10), "finetune_stpes"),
+])
+def test_chapter_8_rejects_bad_knobs_by_name(overrides, parameter):
+    with pytest.raises(C.ConfigError) as info:
+        C.make("08_pretraining_checkpoints", profile="cpu", **overrides)
+    assert info.value.parameter == parameter
+
+
+def test_chapter_8_profiles():
+    cpu = C.make("08_pretraining_checkpoints", profile="cpu")
+    smoke = C.make("08_pretraining_checkpoints", profile="smoke")
+    gpu = C.make("08_pretraining_checkpoints", profile="gpu")
+    assert cpu.model == "zoo:base" and cpu.revisions == "kept" and cpu.strict
+    assert smoke.finetune_steps < cpu.finetune_steps and not smoke.strict
+    assert gpu.model.startswith("hf:EleutherAI/pythia") and gpu.revisions.startswith("step")
+
+
+def test_weights_digest_tells_identical_weights_from_different_ones(tokenizer):
+    a, _ = models.load("tiny:llama?n_layer=1&d_model=32", tokenizer=tokenizer, seed=0)
+    b, _ = models.load("tiny:llama?n_layer=1&d_model=32", tokenizer=tokenizer, seed=0)
+    c, _ = models.load("tiny:llama?n_layer=1&d_model=32", tokenizer=tokenizer, seed=1)
+    assert K.weights_digest(a) == K.weights_digest(b) != K.weights_digest(c)
