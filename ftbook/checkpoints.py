@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from . import data as D
+from .evaluate import pad_right
 
 # The wordings a fine-tune sees; the others are held out to measure prompt sensitivity.
 TUNED_PHRASINGS = (0, 1, 2)
@@ -214,12 +215,7 @@ def last_token_features(model, tokenizer, texts: Sequence[str], batch_size: int 
     out = []
     for start in range(0, len(ids), batch_size):
         chunk = ids[start:start + batch_size]
-        width = max(len(r) for r in chunk)
-        batch = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(batch)
-        for i, r in enumerate(chunk):
-            batch[i, :len(r)] = torch.tensor(r)
-            mask[i, :len(r)] = 1
+        batch, mask = pad_right(chunk, pad)
         hidden = model(input_ids=batch.to(device), attention_mask=mask.to(device),
                        output_hidden_states=True).hidden_states[-1].float()
         last = mask.sum(1) - 1

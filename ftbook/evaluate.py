@@ -25,6 +25,18 @@ def losses_by_corpus(model, corpora: dict, **kwargs) -> dict[str, float]:
 
 
 @torch.no_grad()
+def pad_right(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths as one batch: (input_ids, attention_mask), padded on the right.
+    Row i's last real token is at ``mask[i].sum() - 1``."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
 def continuation_logprobs(model, tokenizer, prompts: Sequence[str], continuations: Sequence[str],
                           batch_size: int = 64) -> np.ndarray:
     """Sum of log-probabilities of each continuation given its prompt (one number per pair)."""
@@ -40,12 +52,7 @@ def continuation_logprobs(model, tokenizer, prompts: Sequence[str], continuation
     model.eval()
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        width = max(len(r) for r in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, r in enumerate(chunk):
-            ids[i, :len(r)] = torch.tensor(r)
-            mask[i, :len(r)] = 1
+        ids, mask = pad_right(chunk, pad)
         logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
         for i in range(len(chunk)):
             a, b = spans[start + i]

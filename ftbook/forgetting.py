@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from . import data as D
+from .evaluate import pad_right
 
 # The linear layers of a Llama/Qwen block: what LoRA adapts here (all of them, as Biderman et al. recommend).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -254,12 +255,7 @@ def last_token_states(model, tokenizer, prompts: Sequence[str], *, layer: int = 
     try:
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
-            width = max(len(r) for r in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, r in enumerate(chunk):
-                ids[i, :len(r)] = torch.tensor(r)
-                mask[i, :len(r)] = 1
+            ids, mask = pad_right(chunk, pad)
             hidden = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                            output_hidden_states=True).hidden_states[layer]
             last = mask.sum(1) - 1
@@ -365,12 +361,7 @@ def rank_candidates(model, tokenizer, prompts: Sequence[str], candidates: Sequen
         try:
             for start in range(0, len(rows), batch_size):
                 chunk = rows[start:start + batch_size]
-                width = max(len(r) for r in chunk)
-                x = torch.full((len(chunk), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for i, r in enumerate(chunk):
-                    x[i, :len(r)] = torch.tensor(r)
-                    mask[i, :len(r)] = 1
+                x, mask = pad_right(chunk, pad)
                 logits = model(input_ids=x.to(device), attention_mask=mask.to(device)).logits.float()
                 last = logits[torch.arange(len(chunk)), (mask.sum(1) - 1).to(device)].cpu()
                 for i in range(len(chunk)):
