@@ -336,16 +336,16 @@ def _train(train, *args, param_groups, **kw):  # TEMPORARY until ftbook.train.tr
         T._make_optimizer = original
 
 
-_DATA: dict = {}
+def _store_tokens(train_ids, val_ids) -> None:
+    from .parallel import worker_state
+
+    worker_state().update(train=train_ids, val=val_ids)
 
 
-def _init_worker(train_ids, val_ids):
-    torch.set_num_threads(1)
-    _DATA.update(train=train_ids, val=val_ids)
+def _run_stored(spec: RunSpec) -> dict:
+    from .parallel import worker_state
 
-
-def _run_in_worker(spec: RunSpec) -> dict:
-    return train_point(spec, _DATA["train"], _DATA["val"])
+    return train_point(spec, worker_state()["train"], worker_state()["val"])
 
 
 def run_sweep(specs: Sequence[RunSpec], train_ids, val_ids, *, workers: int = 1, progress: bool = True,
@@ -353,30 +353,15 @@ def run_sweep(specs: Sequence[RunSpec], train_ids, val_ids, *, workers: int = 1,
     """Run every spec; with ``workers > 1`` in that many single-thread processes (each run is small:
     two processes of one thread beat one process of two threads on a 2-core machine). Results come
     back in the order of ``specs``, identical whatever ``workers`` is (each run is seeded)."""
-    from tqdm.auto import tqdm
+    from functools import partial
 
-    train_ids, val_ids = np.asarray(train_ids), np.asarray(val_ids)
+    from .parallel import run_jobs
+
     specs = list(specs)
-    # biggest first: the pool's last task is then a small one and both workers finish together
-    order = sorted(range(len(specs)), key=lambda i: -specs[i].width * specs[i].steps)
-    results: list[dict | None] = [None] * len(specs)
-    bar = tqdm(total=len(specs), desc=desc, disable=not progress)
-    if workers <= 1:
-        for i in order:
-            results[i] = train_point(specs[i], train_ids, val_ids)
-            bar.update()
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_init_worker, initargs=(train_ids, val_ids)) as pool:
-            futures = {pool.submit(_run_in_worker, specs[i]): i for i in order}
-            for future in as_completed(futures):
-                results[futures[future]] = future.result()
-                bar.update()
-    bar.close()
-    return results
+    # the token arrays go to each worker once (initializer), not once per run
+    return run_jobs([partial(_run_stored, spec) for spec in specs], workers=workers,
+                    cost=[spec.width * spec.steps for spec in specs], initializer=_store_tokens,
+                    initargs=(np.asarray(train_ids), np.asarray(val_ids)), progress=progress, desc=desc)
 
 
 def best_lr(results: Sequence[dict], parametrization: str, width: int) -> float:

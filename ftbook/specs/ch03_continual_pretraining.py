@@ -53,15 +53,16 @@ register(ChapterSpec(
         tapt_steps=100,               # task-adaptive pre-training steps
         finetune_steps=40, finetune_lr=1e-3,  # light: a heavy fine-tune memorises its facts and extracts less
         eval_blocks=128,              # validation blocks per domain (128 x 64 = 8k tokens)
+        workers=2,                    # arms trained side by side in this many single-thread processes
     ),
     diffs={
-        "smoke": dict(pretrain_steps=8, warmup_steps=4, cpt_steps=6, rewarm_steps=2, domain_docs=400, batch_size=4,
+        "smoke": dict(pretrain_steps=8, warmup_steps=4, cpt_steps=6, rewarm_steps=2, domain_docs=400, batch_size=4, workers=1,
                       general_docs=1500, tapt_steps=4, finetune_steps=4, eval_blocks=8, vocab_size=384,
                       task_entities=8),
         "gpu": dict(model="hf:EleutherAI/pythia-160m", general_docs=200_000, general_corpus="hf:Salesforce/wikitext@wikitext-103-raw-v1",
                     seq_len=256, batch_size=32, lr=1e-4, min_lr=1e-5, cpt_steps=2000, rewarm_steps=100,
                     n_entities=400, domain_docs=200_000, task_entities=200, tapt_steps=500,
-                    finetune_steps=300, finetune_lr=2e-5, eval_blocks=256),
+                    finetune_steps=300, finetune_lr=2e-5, eval_blocks=256, workers=1),
     },
     validators={"replay_fractions": _check_replay_fractions, "model": _check_model_spec,
                 "replay_fraction": check_open_unit, "general_corpus": _check_general_corpus,
@@ -72,5 +73,5 @@ register(ChapterSpec(
                 "tapt_steps": at_least(1),
                 "finetune_steps": at_least(1),
                 "domain_docs": at_least(100), "general_docs": at_least(100),
-                "eval_blocks": at_least(1)},
+                "eval_blocks": at_least(1), "workers": at_least(1)},
 ))
