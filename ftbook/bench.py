@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -160,6 +161,37 @@ def run_trainer(setup: BenchSetup, train_ds, eval_ds, vocab_size: int, steps: in
             "eval_loss": evaluate_loss(model, eval_ds)}
 
 
+def run_bare(setup: BenchSetup, train_ds, eval_ds, vocab_size: int, steps: int, precision: str = "fp32",
+             skip: int = 10) -> dict:
+    """The least any training loop can do: forward, backward, clip, AdamW step, nothing else (fp32 only).
+
+    Not a usable loop (no schedule, no shuffling, no logging): it is the ceiling that tells how much
+    faster than ``transformers.Trainer`` *any* loop could be on this model."""
+    from .train import evaluate_loss
+
+    if precision != "fp32":
+        raise ValueError("the bare loop is fp32 only")
+    ids = torch.as_tensor(np.asarray(train_ds.with_format("numpy")[:]["input_ids"]))
+    model = bench_model(setup, vocab_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=setup.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    stamps: list[float] = []
+    _reset_peak_rss()
+    clock = _Clock()
+    model.train()
+    for step in range(steps):
+        start = step * setup.batch_size % max(1, len(ids) - setup.batch_size)
+        batch = ids[start:start + setup.batch_size]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        stamps.append(time.process_time())
+    timing = clock.stop(steps * setup.batch_size * setup.seq_len)
+    return {**timing, "steady_cpu_tokens_per_s": _steady(stamps, setup.batch_size * setup.seq_len, skip),
+            "peak_rss_mib": peak_rss_mib(), "train_loss": float(loss.detach()), "eval_loss": evaluate_loss(model, eval_ds)}
+
+
 @contextlib.contextmanager
 def _threads(n: int):
     before = torch.get_num_threads()
@@ -192,7 +224,7 @@ def compare_with_trainer(steps: int = 150, threads: int = 1, rounds: int = 3,
     medians of per-round ratios, by each metric; with ``threads=1`` the CPU-time ratio is the one that
     other jobs on the machine disturb least.
     """
-    runners = {"ftbook": run_ftbook, "trainer": run_trainer}
+    runners = {"ftbook": run_ftbook, "trainer": run_trainer, "bare": run_bare}
     train_ds, eval_ds, tokenizer = bench_data(setup)
     runs: dict[str, list[dict]] = {arm: [] for arm in arms}
     load_before = os.getloadavg()[0]
@@ -219,7 +251,8 @@ def compare_with_trainer(steps: int = 150, threads: int = 1, rounds: int = 3,
     out = {"steps": steps, "threads": threads, "rounds": rounds, "setup": setup.__dict__, "arms": summary,
            "tokens_per_step": setup.batch_size * setup.seq_len,
            "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
-    for name, (a, b) in {"ratio": ("ftbook/fp32", "trainer/fp32"), "bf16_speedup": ("ftbook/bf16", "ftbook/fp32"),
+    for name, (a, b) in {"ratio": ("ftbook/fp32", "trainer/fp32"), "ceiling": ("bare/fp32", "trainer/fp32"),
+                         "bf16_speedup": ("ftbook/bf16", "ftbook/fp32"),
                          "bf16_ratio": ("ftbook/bf16", "trainer/bf16")}.items():
         if a in runs and b in runs:
             out[name] = {m: _paired(runs, a, b, m) for m in METRICS}
@@ -346,7 +379,8 @@ def format_tables(cmp: dict | None, tvp: dict | None) -> str:
             lines.append(f"{arm:13s} {a['tokens_per_s']:7.0f} {a['cpu_tokens_per_s']:9.0f} "
                          f"{a['steady_cpu_tokens_per_s']:7.0f} {a['peak_rss_mib']:7.0f}Mi {a['eval_loss']:9.4f}"
                          f"  {a['deterministic']}")
-        for key, label in (("ratio", "ftbook/trainer, fp32"), ("bf16_speedup", "ftbook bf16/fp32"),
+        for key, label in (("ratio", "ftbook/trainer, fp32"), ("ceiling", "bare loop/trainer"),
+                           ("bf16_speedup", "ftbook bf16/fp32"),
                            ("bf16_ratio", "ftbook/trainer, bf16")):
             if key in cmp:
                 r = cmp[key]
@@ -384,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cmp = tvp = None
     if args.only in (None, "trainer"):
-        arms = ("trainer/fp32", "ftbook/fp32") + (() if args.no_bf16 else ("ftbook/bf16", "trainer/bf16"))
+        arms = ("trainer/fp32", "ftbook/fp32", "bare/fp32") + (() if args.no_bf16 else ("ftbook/bf16", "trainer/bf16"))
         cmp = compare_with_trainer(steps=args.steps, threads=args.threads, rounds=args.rounds, arms=arms,
                                    verbose=args.verbose)
     if args.only in (None, "processes"):

@@ -355,8 +355,11 @@ def test_two_processes_match_one(tmp_path, reference, launcher, accum):
 def test_bench_smoke(tmp_home):
     from ftbook import bench
 
-    result = bench.compare_with_trainer(steps=4, rounds=1, arms=("ftbook/fp32", "trainer/fp32"),
+    result = bench.compare_with_trainer(steps=4, rounds=1, arms=("ftbook/fp32", "trainer/fp32", "bare/fp32"),
                                         setup=bench.BenchSetup(n_layer=1, d_model=32, vocab_size=300, n_docs=300,
                                                                warmup_steps=2))
     assert result["ratio"]["cpu_tokens_per_s"] > 0 and result["arms"]["ftbook/fp32"]["deterministic"]
-    assert "ftbook/trainer" in bench.format_tables(result, None)
+    assert result["ceiling"]["cpu_tokens_per_s"] > 0 and result["arms"]["bare/fp32"]["deterministic"]
+    # the bare loop trains the same model: its loss is a language model's, not garbage
+    assert 0 < result["arms"]["bare/fp32"]["eval_loss"] < 10
+    assert "ftbook/trainer" in bench.format_tables(result, None) and "bare loop/trainer" in bench.format_tables(result, None)
