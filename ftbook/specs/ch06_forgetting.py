@@ -66,7 +66,7 @@ register(ChapterSpec(
         # (4) new knowledge
         train_facts=48,               # facts per fine-tuning set
         unknown_shares="0,0.5,1",     # share of never-stated facts in the set
-        facts_lr=3e-4, facts_steps=100, fit_every=10,
+        facts_lr=3e-4, facts_steps=100, fit_every=2,
     ),
     diffs={
         "smoke": dict(seq_len=64, target_examples=64, eval_examples=16, source_blocks=4, steps=4, full_lrs="1e-3",
