@@ -1,0 +1,297 @@
+"""Instruction tuning (chapter 5): chat template, response-only loss, the arms of the experiments, a format parser.
+
+The setting. Chapter 1's base model read a world whose prose performs small procedures in passing
+("of the numbers 3 9 4 the smallest is 3") but never saw an instruction, nor the chat tokens. Instruction
+tuning shows it pairs in the chat template of its own tokenizer,
+
+    <|user|> what is the smallest of 3 9 4 ? <|assistant|> of the numbers 3 9 4 the smallest is 3 . <|end|>
+
+with the loss on the response tokens only (:func:`encode_chat`), and asks whether it then answers
+instructions of task families it was never tuned on (FLAN), what tuning on the responses alone does
+(Hewitt et al.), whether a small clean diverse set beats a larger narrow or noisy one (LIMA), and what the
+loss on the prompt tokens changes.
+
+Responses are written in one of two *styles*: ``"answer"`` (the bare answer, ``3``) or ``"sentence"`` (the
+family's first pre-training sentence with the answer in it). A response is scored by :func:`parse_response`,
+which knows each family's format: it says whether the response *follows the format* (format adherence)
+and extracts the answer (exact match).
+
+Fine-tuning goes through :func:`ftbook.forgetting.finetune` (the book's loop on a copy of the model);
+generation through :func:`ftbook.evaluate.generate` (greedy).
+"""
+from __future__ import annotations
+
+import random
+import re
+import string
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from . import data as D
+from .checkpoints import Example, sample_examples
+
+STYLES = ("answer", "sentence")
+TUNED_PHRASINGS = (0, 1, 2)      # wordings the tuning data uses
+HELD_OUT_PHRASINGS = (3, 4)      # wordings only the evaluation uses
+
+
+# --- the chat template -------------------------------------------------------------------------------------
+class ChatTemplate:
+    """The chat template in the tokenizer's own special tokens.
+
+    A book tokenizer carries ``<|user|>``, ``<|assistant|>``, ``<|end|>`` (see :mod:`ftbook.data`); a hub
+    tokenizer with a ``chat_template`` (Qwen, SmolLM2) is rendered through ``apply_chat_template``, and its
+    end-of-turn token is whatever that template writes after an assistant turn.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        specials = set(getattr(tokenizer, "all_special_tokens", None) or [])
+        self.native = {D.USER, D.ASSISTANT, D.END} <= specials
+        if not self.native and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the tokenizer has neither the book's chat tokens nor a chat_template")
+        self.end = D.END if self.native else self._hub_end()
+
+    def _hub_end(self) -> str:
+        marker = "@@RESPONSE@@"
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], tokenize=False)
+        tail = text.split(marker, 1)[1]
+        return tail.strip() or (self.tokenizer.eos_token or "")
+
+    def prompt(self, instruction: str) -> str:
+        """The text the model continues: the user turn and the assistant header."""
+        if self.native:
+            return D.chat_prompt(instruction)
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": instruction}], tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def end_token_id(self) -> int:
+        ids = self.tokenizer(self.end, add_special_tokens=False)["input_ids"]
+        return ids[0]
+
+
+def encode_chat(pairs: Sequence[tuple[str, str]], tokenizer, seq_len: int, *, mask_prompt: bool = True,
+                template: ChatTemplate | None = None):
+    """(instruction, response) pairs as training rows: the template's prompt, the response, the end token.
+
+    ``labels`` are -100 on padding and, with ``mask_prompt``, on the prompt — the loss falls on the response
+    (and its end token) only. An instruction of ``""`` gives the *response-only* rows of Hewitt et al.: the
+    template with an empty user turn. Rows longer than ``seq_len`` raise (a cut response teaches a wrong end).
+    """
+    import datasets
+
+    template = template or ChatTemplate(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    end = template.end_token_id()
+    ids_rows, label_rows = [], []
+    for instruction, response in pairs:
+        prompt = tokenizer(template.prompt(instruction), add_special_tokens=False)["input_ids"]
+        answer = tokenizer(" " + response, add_special_tokens=False)["input_ids"] + [end]
+        if len(prompt) + len(answer) > seq_len:
+            raise ValueError(f"pair of {len(prompt) + len(answer)} tokens does not fit seq_len={seq_len}: "
+                             f"{instruction!r} -> {response!r}")
+        padding = seq_len - len(prompt) - len(answer)
+        ids_rows.append(prompt + answer + [pad] * padding)
+        label_rows.append(([-100] * len(prompt) if mask_prompt else list(prompt)) + answer + [-100] * padding)
+    return datasets.Dataset.from_dict({"input_ids": ids_rows, "labels": label_rows}).with_format("numpy")
+
+
+# --- responses and their parser ----------------------------------------------------------------------------
+def response(example: Example, style: str) -> str:
+    """The response to ``example`` in ``style``: the bare answer, or the family's first pre-training sentence."""
+    if style == "answer":
+        return example.answer
+    if style == "sentence":
+        return D.TASKS[example.family].narratives[0].format(**example.args)
+    raise ValueError(f"unknown response style {style!r}; choose from {', '.join(STYLES)}")
+
+
+_ANSWER_PATTERNS = {
+    "sort": r"\d( \d)*", "reverse": r"\d( \d)*", "parity": r"even|odd",
+}
+
+
+def answer_pattern(family: str) -> str:
+    """A regular expression for a well-formed answer of ``family`` (digits, a digit list, even/odd)."""
+    return _ANSWER_PATTERNS.get(family, r"\d+")
+
+
+def response_pattern(family: str, style: str) -> re.Pattern:
+    """The format a response of ``family`` in ``style`` must have; the answer is the group ``answer``."""
+    answer = f"(?P<answer>{answer_pattern(family)})"
+    if style == "answer":
+        return re.compile(answer)
+    if style != "sentence":
+        raise ValueError(f"unknown response style {style!r}; choose from {', '.join(STYLES)}")
+    parts, seen = [], set()
+    for literal, name, _, _ in string.Formatter().parse(D.TASKS[family].narratives[0]):
+        parts.append(re.escape(literal))
+        if name == "answer":
+            parts.append(answer)
+        elif name and name in seen:   # the same argument twice (add: "{who} ... {who}") must agree
+            parts.append(f"(?P={name})")
+        elif name:
+            seen.add(name)
+            parts.append(f"(?P<{name}>[a-z0-9]+(?: [0-9]+)*)")
+    return re.compile("".join(parts))
+
+
+@dataclass(frozen=True)
+class Parsed:
+    follows_format: bool   # the response is a whole, well-formed response of the family, closed by the end token
+    answer: str | None     # the extracted answer (None when the format is not followed)
+
+
+def parse_response(text: str, family: str, style: str, end: str = D.END) -> Parsed:
+    """Parse a generated continuation: everything before the end token must match the family's format.
+
+    A continuation that never emits the end token (the base model rambles on) does not follow the format.
+    """
+    if end not in text:
+        return Parsed(False, None)
+    body = text.split(end, 1)[0].replace(D.EOS, "").replace(D.PAD, "").strip()
+    match = response_pattern(family, style).fullmatch(body)
+    return Parsed(True, match.group("answer")) if match else Parsed(False, None)
+
+
+# --- data of the arms ----------------------------------------------------------------------------------------
+def tuning_pairs(families: Sequence[str], n: int, *, seed: int, style: str,
+                 phrasings: Sequence[int] = TUNED_PHRASINGS, instructions: bool = True,
+                 noise: float = 0.0) -> list[tuple[str, str]]:
+    """``n`` (instruction, response) pairs spread evenly over ``families`` (shuffled).
+
+    ``instructions=False`` blanks every instruction (response-only tuning). ``noise`` is the fraction of
+    pairs whose response answers *another* example of the same family — well-formed, but wrong.
+    """
+    if not families:
+        raise ValueError("need at least one task family")
+    if not 0 <= noise <= 1:
+        raise ValueError(f"noise must lie in [0, 1], got {noise}")
+    rng = random.Random(f"tuning-{seed}-{style}-{noise}")
+    pairs = []
+    for i, family in enumerate(families):
+        count = n // len(families) + (1 if i < n % len(families) else 0)
+        examples = sample_examples(family, count, seed=seed, split="train")
+        decoys = sample_examples(family, count, seed=seed, split="decoy")
+        for ex, decoy in zip(examples, decoys):
+            shown = decoy if rng.random() < noise else ex
+            instruction = ex.instruction(rng.choice(list(phrasings))) if instructions else ""
+            pairs.append((instruction, response(shown, style)))
+    rng.shuffle(pairs)
+    return pairs
+
+
+def eval_examples(families: Sequence[str], n: int, *, seed: int) -> list[Example]:
+    return [ex for family in families for ex in sample_examples(family, n, seed=seed, split="test")]
+
+
+def score(model, tokenizer, examples: Sequence[Example], *, style: str, phrasings: Sequence[int] = HELD_OUT_PHRASINGS,
+          max_new_tokens: int = 12, template: ChatTemplate | None = None, keep_outputs: bool = False) -> dict:
+    """Greedy answers to ``examples`` asked in ``phrasings`` (round robin); exact match and format adherence,
+    overall and per family."""
+    from .evaluate import generate
+
+    template = template or ChatTemplate(tokenizer)
+    prompts = [template.prompt(ex.instruction(phrasings[i % len(phrasings)])) for i, ex in enumerate(examples)]
+    outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+    parsed = [parse_response(o, ex.family, style, template.end) for o, ex in zip(outputs, examples)]
+    correct = np.array([p.answer == ex.answer for p, ex in zip(parsed, examples)], dtype=float)
+    follows = np.array([p.follows_format for p in parsed], dtype=float)
+    families = [ex.family for ex in examples]
+    per_family = {f: float(correct[[g == f for g in families]].mean()) for f in dict.fromkeys(families)}
+    out = {"accuracy": float(correct.mean()), "format": float(follows.mean()), "per_family": per_family}
+    if keep_outputs:
+        out["prompts"], out["outputs"] = prompts, outputs
+    return out
+
+
+def family_order(pool: Sequence[str], seed: int) -> list[str]:
+    """The order in which the family sweep adds tuning families (seeded: the sets are nested)."""
+    order = list(pool)
+    random.Random(f"family-order-{seed}").shuffle(order)
+    return order
+
+
+def recovered_fraction(base: float, tuned: float, other: float) -> float:
+    """How much of ``tuned``'s gain over ``base`` ``other`` recovers (Hewitt et al.'s comparison);
+    nan when tuning gained nothing."""
+    gain = tuned - base
+    return float((other - base) / gain) if gain > 0 else float("nan")
+
+
+def constant_answer_accuracy(examples: Sequence[Example]) -> float:
+    """The accuracy of the best *constant* answer per family (always "0" for min, ...), averaged like
+    :func:`score` — what a model that learned only the most common answer reaches (Hewitt's failure mode here)."""
+    from collections import Counter
+
+    by_family: dict[str, list[str]] = {}
+    for ex in examples:
+        by_family.setdefault(ex.family, []).append(ex.answer)
+    hits = sum(Counter(answers).most_common(1)[0][1] for answers in by_family.values())
+    return hits / len(examples) if examples else float("nan")
+
+
+def real_chat_pairs(n: int, tokenizer, seq_len: int, *, seed: int, split: str = "train",
+                    template: ChatTemplate | None = None) -> list[tuple[str, str]]:
+    """``n`` real question/answer pairs of the chatterbot corpus (BSD) that fit ``seq_len`` in the template,
+    lower-cased like the synthetic world (the base model's tokenizer was trained on lower-case text)."""
+    from . import corpora
+
+    if n <= 0:
+        return []
+    rows = list(corpora.rows("chatterbot", split))
+    random.Random(f"chat-{seed}").shuffle(rows)
+    pairs = [(row["question"].lower().strip(), row["answer"].lower().strip()) for row in rows]
+    return fitting([(q, a) for q, a in pairs if q and a], tokenizer, seq_len, template)[:n]
+
+
+def fitting(pairs: Sequence[tuple[str, str]], tokenizer, seq_len: int,
+            template: ChatTemplate | None = None) -> list[tuple[str, str]]:
+    """The pairs whose prompt, response and end token fit one row of ``seq_len`` tokens (:func:`encode_chat`
+    refuses to cut a response)."""
+    template = template or ChatTemplate(tokenizer)
+    return [(q, a) for q, a in pairs
+            if len(tokenizer(template.prompt(q) + " " + a, add_special_tokens=False)["input_ids"]) + 1 <= seq_len]
+
+
+def tune(model, tokenizer, pairs: Sequence[tuple[str, str]], *, steps: int, lr: float, batch_size: int,
+         seq_len: int, seed: int, mask_prompt: bool = True, device: str = "cpu", precision: str = "fp32",
+         desc: str = "instruction-tune"):
+    """A tuned copy of ``model`` on ``pairs`` in the chat template (the book's loop via
+    :func:`ftbook.forgetting.finetune`; warm-up over the first tenth, cosine decay)."""
+    from .forgetting import finetune
+    from .train import TensorData
+
+    rows = encode_chat(pairs, tokenizer, seq_len, mask_prompt=mask_prompt)
+    tuned, _ = finetune(model, TensorData(rows), steps=steps, lr=lr, seed=seed, batch_size=batch_size,
+                        warmup_steps=max(1, steps // 10), device=device, precision=precision, desc=desc)
+    tuned.eval()
+    return tuned
+
+
+def hub_instruction_pairs(spec: str, n: int, *, split: str = "train", offset: int = 0) -> list[tuple[str, str]]:
+    """(instruction, response) pairs of a hub instruction set — the ``gpu`` profile's tuning data.
+
+    ``hf:databricks/databricks-dolly-15k`` (instruction, context, response), ``hf:tatsu-lab/alpaca``
+    (instruction, input, output) and ``hf:GAIR/lima`` (conversations) are understood. Needs the network.
+    """
+    import datasets
+
+    if not spec.startswith("hf:"):
+        raise ValueError(f"a hub dataset spec looks like 'hf:org/name', got {spec!r}")
+    rows = datasets.load_dataset(spec[3:], split=f"{split}[{offset}:{offset + n}]")
+    out = []
+    for row in rows:
+        if "conversations" in row:                       # LIMA: first user turn, first answer
+            turns = row["conversations"]
+            if len(turns) >= 2:
+                out.append((turns[0], turns[1]))
+            continue
+        instruction = row.get("instruction", "")
+        extra = row.get("context") or row.get("input") or ""
+        answer = row.get("response") or row.get("output") or ""
+        out.append((f"{instruction}\n\n{extra}".strip(), answer.strip()))
+    return out

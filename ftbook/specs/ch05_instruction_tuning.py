@@ -1,0 +1,69 @@
+"""Knobs of chapter 05_instruction_tuning: defaults at the ``cpu`` profile, diffs for ``smoke`` and ``gpu``, validators."""
+from __future__ import annotations
+
+from ..config import ChapterSpec, register
+from ._checks import at_least, check_open_unit, comma_list
+
+FAMILIES = ("add", "max", "min", "sort", "reverse", "first", "last", "length", "count", "parity", "successor")
+
+
+def _check_families(value: str) -> None:
+    names = [x.strip() for x in value.split(",") if x.strip()]
+    unknown = [n for n in names if n not in FAMILIES]
+    if not names or unknown:
+        raise ValueError(f"must be comma-separated task families from {', '.join(FAMILIES)}; "
+                         f"unknown: {', '.join(unknown) or '(none given)'}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"names a family twice: {value!r}")
+    if len(names) > len(FAMILIES) - 2:
+        raise ValueError(f"holds out {len(names)} families; at least 2 must remain for tuning")
+
+
+def _check_family_counts(value: str) -> None:
+    counts = comma_list(value, int)
+    if len(counts) < 2 or any(c < 1 for c in counts) or counts != sorted(set(counts)):
+        raise ValueError(f"must be at least two increasing positive integers, e.g. '1,2,4,8'; got {value!r}")
+
+
+def _check_model(value: str) -> None:
+    if not (value.startswith("zoo:") or value.startswith("hf:") or value.startswith("path:")):
+        raise ValueError(f"must be 'zoo:base' (the book's pre-trained base) or 'hf:org/name' / 'path:/folder', "
+                         f"got {value!r}")
+
+
+def _check_instructions(value: str) -> None:
+    if value != "synthetic" and not value.startswith("hf:"):
+        raise ValueError(f"must be 'synthetic' (the world's task families) or a hub dataset 'hf:org/name', "
+                         f"got {value!r}")
+
+
+register(ChapterSpec(
+    name="05_instruction_tuning",
+    title="Instruction tuning: chat templates, response-only loss, held-out tasks, quality vs quantity",
+    defaults=dict(
+        model="zoo:base",              # the pre-trained base: chapter 1's zoo model, or hf:/path:
+        instructions="synthetic",      # tuning data: the world's task families, or a hub dataset (gpu)
+        held_out_families="min,last,successor",  # never tuned on: the FLAN-style evaluation
+        family_counts="1,2,4,8",       # the family sweep: tuning families (nested sets, seeded order)
+        response_style="answer",       # 'answer' (the bare answer) or 'sentence' (pre-training's sentence)
+        train_pairs=800,               # instruction pairs per tuning run (all arms but the LIMA ones)
+        steps=100, lr=2e-3, batch_size=16, seq_len=40,
+        eval_per_family=30,            # held-out examples per family (asked in the held-out wordings)
+        lima_clean_pairs=160,          # the small, clean, diverse set
+        lima_large_pairs=1600,         # the large narrow / noisy sets
+        lima_noise=0.5,                # fraction of wrong (but well-formed) responses in the noisy set
+        chat_pairs=60,                 # real question/answer pairs (chatterbot) mixed into every tuning run
+    ),
+    diffs={
+        "smoke": dict(steps=4, train_pairs=64, eval_per_family=2, lima_clean_pairs=32, lima_large_pairs=64,
+                      family_counts="1,2", chat_pairs=8, batch_size=8),
+        "gpu": dict(model="hf:Qwen/Qwen2.5-0.5B", instructions="hf:databricks/databricks-dolly-15k",
+                    steps=1000, lr=2e-5, batch_size=32, seq_len=512, train_pairs=10_000, eval_per_family=200,
+                    lima_clean_pairs=1000, lima_large_pairs=10_000, chat_pairs=0),
+    },
+    choices={"response_style": ("answer", "sentence")},
+    validators={"model": _check_model, "instructions": _check_instructions,
+                "held_out_families": _check_families, "family_counts": _check_family_counts,
+                "lima_noise": check_open_unit, "train_pairs": at_least(8), "eval_per_family": at_least(1),
+                "lima_clean_pairs": at_least(2), "lima_large_pairs": at_least(2), "chat_pairs": at_least(0)},
+))

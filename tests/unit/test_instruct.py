@@ -1,0 +1,170 @@
+import pytest
+import torch
+
+from ftbook import config as C
+from ftbook import data as D
+from ftbook import instruct as I
+from ftbook import models
+from ftbook.checkpoints import sample_examples
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    world = D.World(seed=0, n_entities=8)
+    texts = D.world_documents(world, 300, seed=0)
+    return D.train_tokenizer(texts, vocab_size=300, cache_dir=tmp_path_factory.mktemp("tok"))
+
+
+# --- the chat template and the loss mask ------------------------------------------------------------------
+def test_template_uses_the_tokenizers_own_chat_tokens(tokenizer):
+    template = I.ChatTemplate(tokenizer)
+    assert template.native and template.prompt("sort 3 1 .") == D.chat_prompt("sort 3 1 .")
+    assert template.end_token_id() == tokenizer.convert_tokens_to_ids(D.END)
+    ids = tokenizer(template.prompt("sort 3 1 ."), add_special_tokens=False)["input_ids"]
+    assert ids[0] == tokenizer.convert_tokens_to_ids(D.USER) and ids[-1] == tokenizer.convert_tokens_to_ids(D.ASSISTANT)
+
+
+def test_loss_falls_on_the_response_and_its_end_token_only(tokenizer):
+    rows = I.encode_chat([("sort 3 1 .", "1 3")], tokenizer, seq_len=32)
+    ids, labels = list(rows[0]["input_ids"]), list(rows[0]["labels"])
+    prompt = tokenizer(D.chat_prompt("sort 3 1 ."), add_special_tokens=False)["input_ids"]
+    answer = tokenizer(" 1 3", add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids(D.END)]
+    assert ids[:len(prompt) + len(answer)] == prompt + answer
+    assert labels[:len(prompt)] == [-100] * len(prompt)
+    assert labels[len(prompt):len(prompt) + len(answer)] == answer
+    assert labels[len(prompt) + len(answer):] == [-100] * (32 - len(prompt) - len(answer))  # padding
+
+
+def test_without_masking_the_prompt_is_in_the_loss_too(tokenizer):
+    masked = I.encode_chat([("sort 3 1 .", "1 3")], tokenizer, seq_len=32)[0]
+    unmasked = I.encode_chat([("sort 3 1 .", "1 3")], tokenizer, seq_len=32, mask_prompt=False)[0]
+    assert (masked["input_ids"] == unmasked["input_ids"]).all()
+    assert (unmasked["labels"] != -100).sum() > (masked["labels"] != -100).sum()
+    real = unmasked["input_ids"] != tokenizer.pad_token_id
+    assert (unmasked["labels"][real] == unmasked["input_ids"][real]).all()
+
+
+def test_a_pair_longer_than_the_row_raises_instead_of_being_cut(tokenizer):
+    with pytest.raises(ValueError, match="seq_len"):
+        I.encode_chat([("sort 3 1 4 1 5 9 2 6 .", "1 1 2 3 4 5 6 9")], tokenizer, seq_len=8)
+
+
+def test_a_hub_style_tokenizer_is_rendered_through_its_chat_template(tokenizer):
+    from transformers import PreTrainedTokenizerFast
+
+    hub = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, eos_token=D.EOS, pad_token=D.PAD)
+    hub.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|endoftext|>{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    template = I.ChatTemplate(hub)
+    assert not template.native and template.end == D.EOS
+    assert template.prompt("sort 3 1 .") == "<|user|>sort 3 1 .<|endoftext|><|assistant|>"
+    rows = I.encode_chat([("sort 3 1 .", "1 3")], hub, seq_len=40, template=template)
+    assert hub.convert_tokens_to_ids(D.EOS) in rows[0]["input_ids"][rows[0]["labels"] != -100]
+
+
+def test_fitting_drops_pairs_that_would_be_cut(tokenizer):
+    pairs = [("sort 3 1 .", "1 3"), ("sort 3 1 .", " ".join(["1"] * 40))]
+    assert I.fitting(pairs, tokenizer, seq_len=32) == pairs[:1]
+
+
+# --- the format parser ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("style", I.STYLES)
+@pytest.mark.parametrize("family", list(D.TASKS))
+def test_every_reference_response_parses_back_to_its_answer(family, style):
+    for ex in sample_examples(family, 5, seed=0, split="test"):
+        parsed = I.parse_response(" " + I.response(ex, style) + D.END + " 7 7", family, style)
+        assert parsed.follows_format and parsed.answer == ex.answer
+
+
+def test_the_parser_rejects_rambling_and_wrong_types():
+    assert I.parse_response("3 4 5 6 7 8", "max", "answer") == I.Parsed(False, None)    # never ends
+    assert not I.parse_response("even" + D.END, "max", "answer").follows_format           # wrong type
+    assert not I.parse_response("7" + D.END, "parity", "answer").follows_format
+    assert not I.parse_response("3 is the answer" + D.END, "max", "answer").follows_format
+    assert I.parse_response(" 12 " + D.END, "add", "answer").answer == "12"
+    sentence = "of the numbers 3 9 4 the largest is 9 ."
+    assert I.parse_response(sentence + D.END, "max", "sentence").answer == "9"
+    assert not I.parse_response("the largest is 9 ." + D.END, "max", "sentence").follows_format
+    # a repeated argument must repeat the same value ("{who} had ... so {who} had ...")
+    assert not I.parse_response("tom had 1 apples and found 2 more , so ana had 3 apples ." + D.END,
+                                "add", "sentence").follows_format
+
+
+# --- the arms' data ---------------------------------------------------------------------------------------------
+def test_tuning_pairs_spread_over_families_and_hold_out_wordings():
+    pairs = I.tuning_pairs(["max", "parity"], 10, seed=0, style="answer")
+    assert len(pairs) == 10
+    held_out = {D.TASKS["max"].instructions[p].split("{")[0] for p in I.HELD_OUT_PHRASINGS}
+    assert not any(q.startswith(h) for q, _ in pairs for h in held_out)
+    assert sum(a in ("even", "odd") for _, a in pairs) == 5
+    assert pairs == I.tuning_pairs(["max", "parity"], 10, seed=0, style="answer")   # deterministic
+
+
+def test_response_only_blanks_the_instruction_but_keeps_the_responses():
+    full = I.tuning_pairs(["max"], 20, seed=1, style="answer")
+    bare = I.tuning_pairs(["max"], 20, seed=1, style="answer", instructions=False)
+    assert all(q == "" for q, _ in bare)
+    assert sorted(a for _, a in bare) == sorted(a for _, a in full)
+
+
+def test_noisy_responses_are_well_formed_but_often_wrong():
+    clean = I.tuning_pairs(["max"], 200, seed=0, style="sentence")
+    noisy = I.tuning_pairs(["max"], 200, seed=0, style="sentence", noise=1.0)
+    for pairs in (clean, noisy):
+        assert all(I.parse_response(a + D.END, "max", "sentence").follows_format for _, a in pairs)
+
+    def right(q, a):  # the instruction's list vs the response's list
+        return q.split()[-2 if q.endswith("?") or q.endswith(".") else -1] and \
+            I.response_pattern("max", "sentence").fullmatch(a).group("xs") in q
+
+    assert all(right(q, a) for q, a in clean)
+    assert sum(not right(q, a) for q, a in noisy) > 150
+    with pytest.raises(ValueError, match="noise"):
+        I.tuning_pairs(["max"], 4, seed=0, style="answer", noise=1.5)
+
+
+def test_constant_answer_accuracy_is_the_best_guess_per_family():
+    examples = sample_examples("parity", 40, seed=0, split="test")
+    evens = sum(ex.answer == "even" for ex in examples) / 40
+    assert I.constant_answer_accuracy(examples) == max(evens, 1 - evens)
+
+
+def test_recovered_fraction():
+    assert I.recovered_fraction(0.1, 0.5, 0.3) == pytest.approx(0.5)
+    assert I.recovered_fraction(0.2, 0.2, 0.3) != I.recovered_fraction(0.2, 0.2, 0.3)   # nan: no gain
+
+
+# --- tuning and scoring end to end, tiny ---------------------------------------------------------------------------
+def test_tuning_teaches_a_tiny_model_the_format(tokenizer):
+    torch.set_num_threads(1)
+    model = models.from_config(models.tiny_config("llama", vocab_size=len(tokenizer), n_layer=1, d_model=32), seed=0)
+    examples = sample_examples("max", 8, seed=0, split="test")
+    before = I.score(model, tokenizer, examples, style="answer", max_new_tokens=4)
+    pairs = I.tuning_pairs(["max"], 64, seed=0, style="answer")
+    tuned = I.tune(model, tokenizer, pairs, steps=60, lr=1e-2, batch_size=16, seq_len=40, seed=0)
+    after = I.score(tuned, tokenizer, examples, style="answer", max_new_tokens=4)
+    assert before["format"] == 0.0 and after["format"] == 1.0   # a digit, then the end-of-turn token
+    assert set(after["per_family"]) == {"max"}
+    assert next(model.parameters()).data_ptr() != next(tuned.parameters()).data_ptr()  # a copy was tuned
+
+
+# --- knobs -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides,parameter", [
+    (dict(held_out_families="min,lenght"), "held_out_families"),
+    (dict(family_counts="4,2"), "family_counts"),
+    (dict(family_counts="0,2"), "family_counts"),
+    (dict(response_style="essay"), "response_style"),
+    (dict(lima_noise=1.0), "lima_noise"),
+    (dict(model="gpt2"), "model"),
+    (dict(steps=0), "steps"),
+])
+def test_bad_knobs_raise_one_config_error_naming_the_parameter(overrides, parameter):
+    with pytest.raises(C.ConfigError) as err:
+        C.make("05_instruction_tuning", **overrides)
+    assert err.value.parameter == parameter
+
+
+def test_profiles_resolve_and_gpu_points_at_the_hub():
+    cpu, smoke, gpu = (C.make("05", profile=p) for p in ("cpu", "smoke", "gpu"))
+    assert cpu.model == smoke.model == "zoo:base" and gpu.model.startswith("hf:")
+    assert smoke.steps < cpu.steps and gpu.instructions.startswith("hf:")
