@@ -203,17 +203,6 @@ def pretrain_from_scratch(model_config, data, train_config):
     return model
 
 
-def run_all(jobs: dict, *, workers: int, cost: dict | None = None, desc: str = "runs") -> dict:
-    """Run named jobs (``{name: functools.partial(...)}``) side by side (:func:`ftbook.parallel.run_jobs`);
-    returns ``{name: result}`` in the same order, whatever ``workers`` is."""
-    from .parallel import run_jobs
-
-    names = list(jobs)
-    results = run_jobs([jobs[n] for n in names], workers=workers, desc=desc,
-                       cost=None if cost is None else [cost[n] for n in names])
-    return dict(zip(names, results))
-
-
 def ensure_book_tokens(model, tokenizer):
     """Give a hub tokenizer the book's pad and chat tokens (and the model rows for them) if it lacks them."""
     missing = [t for t in (D.PAD, D.USER, D.ASSISTANT, D.END) if t not in tokenizer.get_vocab()]

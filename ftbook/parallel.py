@@ -30,49 +30,93 @@ def worker_state() -> dict:
     return _STATE
 
 
+class Pool:
+    """Worker processes kept across batches of jobs — and across notebook cells: spawned once, fed jobs as their
+    inputs become ready (``submit``), or a batch at a time (``map``). Use it as a context manager or ``close()`` it.
+
+    With ``workers == 1`` no process is started: ``submit`` runs the job at once and returns a finished future.
+    ``initializer(*initargs)`` runs once in each worker (or once here), e.g. to store data every job reads
+    (:func:`worker_state`) instead of sending it with each job.
+    """
+
+    def __init__(self, workers: int = 1, *, initializer: Callable | None = None, initargs: tuple = ()):
+        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+        self.workers, self._executor = workers, None
+        if workers > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                 initializer=_start_worker, initargs=(initializer, initargs))
+        elif initializer is not None:
+            initializer(*initargs)
+
+    def submit(self, job: Callable[[], Any]):
+        """Start ``job`` (a worker takes it when free; jobs start in the order submitted); returns a
+        ``concurrent.futures.Future`` — ``.result()`` waits for it and re-raises the job's error."""
+        if self._executor is not None:
+            return self._executor.submit(job)
+        from concurrent.futures import Future
+
+        future: Future = Future()
+        try:
+            future.set_result(job())
+        except BaseException as error:  # noqa: BLE001 - handed to the caller by .result(), as a worker's would be
+            future.set_exception(error)
+        return future
+
+    def map(self, jobs, *, cost=None, progress: bool = True, desc: str = "runs"):
+        """Run a batch and wait for it: ``jobs`` is a list (results come back as a list, in order) or a dict
+        of named jobs (a dict, same keys). ``cost`` (same shape; any unit, e.g. steps) starts the biggest
+        first, so that the workers end on small ones and finish together."""
+        from concurrent.futures import as_completed
+
+        from tqdm.auto import tqdm
+
+        from .train import progress_enabled
+
+        names = list(jobs) if isinstance(jobs, dict) else list(range(len(jobs)))
+        if cost is not None and len(cost) != len(names):
+            raise ValueError(f"cost has {len(cost)} entries for {len(names)} jobs")
+        order = list(names)
+        if cost is not None:
+            order.sort(key=lambda n: -cost[n])
+        bar = tqdm(total=len(names), desc=desc, disable=not progress or not progress_enabled())
+        try:
+            futures = {}
+            for n in order:
+                futures[self.submit(jobs[n])] = n
+                if self._executor is None:
+                    bar.update()
+            results = {}
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                if self._executor is not None:
+                    bar.update()
+        finally:
+            bar.close()
+        return {n: results[n] for n in names} if isinstance(jobs, dict) else [results[n] for n in names]
+
+    def close(self) -> None:
+        """Stop the workers (after the jobs already submitted) and forget the initializer's state."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=False)
+            self._executor = None
+        _STATE.clear()
+
+    def __enter__(self) -> "Pool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def run_jobs(jobs: Sequence[Callable[[], Any]], *, workers: int = 1, cost: Sequence[float] | None = None,
              initializer: Callable | None = None, initargs: tuple = (), progress: bool = True,
              desc: str = "runs") -> list:
-    """Run every job and return their results in the order of ``jobs``.
-
-    ``workers > 1`` starts that many spawned processes (one torch thread each). ``cost`` (any unit, e.g. steps)
-    sends the biggest jobs first, so that both workers end on small ones and finish together.
-    ``initializer(*initargs)`` runs once in each worker (or once here when ``workers == 1``).
-    """
-    from tqdm.auto import tqdm
-
-    from .train import progress_enabled
-
+    """Run every job in a :class:`Pool` of ``workers`` and return their results in the order of ``jobs``."""
     jobs = list(jobs)
-    if not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
-    if cost is not None and len(cost) != len(jobs):
-        raise ValueError(f"cost has {len(cost)} entries for {len(jobs)} jobs")
-    order = list(range(len(jobs)))
-    if cost is not None:
-        order.sort(key=lambda i: -cost[i])
-    results: list = [None] * len(jobs)
-    bar = tqdm(total=len(jobs), desc=desc, disable=not progress or not progress_enabled())
-    try:
-        if workers == 1 or len(jobs) <= 1:
-            if initializer is not None:
-                initializer(*initargs)
-            try:
-                for i in order:
-                    results[i] = jobs[i]()
-                    bar.update()
-            finally:
-                _STATE.clear()  # what the initializer stored is for these jobs only
-        else:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor, as_completed
-
-            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
-                                     initializer=_start_worker, initargs=(initializer, initargs)) as pool:
-                futures = {pool.submit(jobs[i]): i for i in order}
-                for future in as_completed(futures):
-                    results[futures[future]] = future.result()
-                    bar.update()
-    finally:
-        bar.close()
-    return results
+    with Pool(min(workers, max(1, len(jobs))) if isinstance(workers, int) and not isinstance(workers, bool)
+              else workers, initializer=initializer, initargs=initargs) as pool:
+        return pool.map(jobs, cost=cost, progress=progress, desc=desc)

@@ -55,3 +55,27 @@ def test_bad_workers_is_one_clear_error(workers):
 def test_cost_must_match_the_jobs():
     with pytest.raises(ValueError, match="cost has 1 entries for 2 jobs"):
         parallel.run_jobs([partial(_seeded_draw, 0, 1)] * 2, workers=1, cost=[1])
+
+
+def _fail() -> None:
+    raise RuntimeError("job failed")
+
+
+def test_pool_keeps_workers_across_batches_and_submits():
+    with parallel.Pool(2) as pool:
+        early = pool.submit(partial(_seeded_draw, 3, 2))  # e.g. started in one notebook cell ...
+        named = pool.map({"a": partial(_seeded_draw, 1, 2), "b": partial(_seeded_draw, 2, 2)},
+                         cost={"a": 1, "b": 5}, progress=False)
+        assert list(named) == ["a", "b"] and named["a"] == _seeded_draw(1, 2)
+        assert early.result() == _seeded_draw(3, 2)  # ... collected in a later one
+        with pytest.raises(RuntimeError, match="job failed"):
+            pool.submit(_fail).result()
+
+
+def test_inline_pool_runs_at_submit_and_hands_errors_to_result():
+    with parallel.Pool(1) as pool:
+        future = pool.submit(_fail)  # no raise here: the error belongs to whoever asks for the result
+        assert future.done()
+        with pytest.raises(RuntimeError, match="job failed"):
+            future.result()
+        assert pool.map([partial(_seeded_draw, 0, 1)], progress=False) == [_seeded_draw(0, 1)]
