@@ -347,6 +347,15 @@ def load_base(spec: str, seed: int, *, profile: str):
     return model, tokenizer, D.World(seed=seed)
 
 
+def pretrain_other_init(spec: str, model_spec: str, seed: int, *, profile: str, n_seeds: int = 3) -> None:
+    """Pre-train (and cache) the control base of :func:`other_init` if it is a zoo model not cached yet — a job
+    for a worker process beside the chapter's main work (:class:`ftbook.parallel.Pool`); a no-op otherwise."""
+    if spec == "zoo:other-seed" and model_spec.startswith("zoo:"):
+        from . import zoo
+
+        zoo.pretrain(model_spec[4:], (seed + 1) % n_seeds, profile=profile, progress=False)
+
+
 def other_init(spec: str, model_spec: str, seed: int, *, profile: str, n_seeds: int = 3):
     """The control base pre-trained from another initialisation. ``'zoo:other-seed'``: the same zoo recipe
     pre-trained with seed ``(seed + 1) % n_seeds`` (seeds 0-2 are cached; the book's tokenizer is shared by all

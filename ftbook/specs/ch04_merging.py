@@ -83,15 +83,16 @@ register(ChapterSpec(
         ties_density=0.2,              # share of each task vector TIES keeps (the paper's k = 20 %)
         stat_examples=64,              # sequences per task for the Fisher and the RegMean Grams
         lora_rank=8, lora_lr=3e-3,     # LoRA ingredients (merged after folding B A into the weights)
+        workers=2,                     # processes: the control base pre-trains (if not cached) beside the rest
     ),
     diffs={
         "smoke": dict(seq_len=40, train_examples=64, eval_examples=16, val_examples=16, steps=4, multitask_steps=4,
                       soup_lrs="1e-3,3e-3", soup_orders=1, alphas="0,0.5,1", scalings="0.5,1",
-                      ties_scalings="1", negation_scalings="1", drop_rates="0,0.9", stat_examples=4),
+                      ties_scalings="1", negation_scalings="1", drop_rates="0,0.9", stat_examples=4, workers=1),
         "gpu": dict(model="hf:EleutherAI/pythia-160m", other_init="hf:EleutherAI/pythia-160m-seed1",
                     train_examples=4000, eval_examples=500, val_examples=300, seq_len=48, batch_size=32,
                     steps=300, lr=1e-5, wise_lr=3e-5, soup_lrs="1e-5,2e-5,5e-5", soup_orders=2,
-                    multitask_steps=600, stat_examples=256, lora_rank=16, lora_lr=2e-4),
+                    multitask_steps=600, stat_examples=256, lora_rank=16, lora_lr=2e-4, workers=1),
     },
     validators={"model": _check_model_spec, "other_init": _check_other_init, "tasks": _check_tasks,
                 "alphas": _check_alphas, "scalings": _grid(0.0, 4.0, what="scalings", min_items=1),
@@ -102,5 +103,5 @@ register(ChapterSpec(
                 "train_examples": at_least(16), "eval_examples": at_least(4), "val_examples": at_least(4),
                 "seq_len": at_least(16), "batch_size": at_least(1), "steps": at_least(1),
                 "multitask_steps": at_least(1), "soup_orders": at_least(1), "stat_examples": at_least(1),
-                "lora_rank": at_least(1), "lora_lr": _check_positive},
+                "lora_rank": at_least(1), "lora_lr": _check_positive, "workers": at_least(1)},
 ))
