@@ -21,3 +21,11 @@ def comma_list(value: str, kind=float) -> list:
         return [kind(x) for x in value.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"must be comma-separated {kind.__name__} values, got {value!r}") from None
+
+
+def pretrained_model(value: str) -> None:
+    """A model spec a chapter can start from: ``zoo:<name>`` (pre-trained by the book), ``hf:org/name`` (the hub,
+    gpu profile) or ``path:/folder`` (a local copy)."""
+    if not value.startswith(("zoo:", "hf:", "path:")):
+        raise ValueError(f"must be 'zoo:base' (pre-trained by the book) or a pre-trained model 'hf:org/name' / "
+                         f"'path:/folder', got {value!r}")

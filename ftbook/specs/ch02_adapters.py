@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 
 from ..config import ChapterSpec, register
-from ._checks import at_least, comma_list
+from ._checks import at_least, comma_list, pretrained_model
 
 # Kept here (not imported from ftbook.adapt) so that resolving a config never imports torch.
 METHODS = ("full", "head", "lora", "ia3", "prefix", "prompt", "ln", "bitfit", "bottleneck")
@@ -77,11 +77,6 @@ def _check_some_lrs(needed):
     return check
 
 
-def _check_model(value: str) -> None:
-    if not (value.startswith("zoo:") or value.startswith("hf:") or value.startswith("path:")):
-        raise ValueError(f"must be 'zoo:base' (pre-trained by the book) or 'hf:org/name' / 'path:/folder', got {value!r}")
-
-
 def _check_sentiment_model(value: str) -> None:
     if value not in ("minilm", "none") and not value.startswith(("hf:", "path:")):
         raise ValueError(f"must be 'minilm' (the all-MiniLM-L6-v2 package), 'none', or 'hf:org/name' / "
@@ -146,7 +141,7 @@ register(ChapterSpec(
     },
     validators={"task": _check_task, "hard_task_lrs": _check_some_lrs(("full", "bitfit", "lora", "head")),
                 "sentiment_lrs": _check_some_lrs(("full", "lora", "bitfit", "head")), "hard_task": _check_task, "hard_seq_len": at_least(4),"methods": _check_methods, "lora_ranks": _check_ranks, "method_lrs": _check_lrs,
-                "model": _check_model, "sentiment_model": _check_sentiment_model,
+                "model": pretrained_model, "sentiment_model": _check_sentiment_model,
                 "sentiment_data": _check_sentiment_data, "lora_targets": _check_targets,
                 "lora_rank": at_least(1), "bottleneck_size": at_least(1), "virtual_tokens": at_least(1),
                 "train_examples": at_least(8), "small_data": at_least(4), "large_data": at_least(8),

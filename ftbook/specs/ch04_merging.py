@@ -2,20 +2,14 @@
 from __future__ import annotations
 
 from ..config import ChapterSpec, register
-from ._checks import at_least, check_open_unit, comma_list
+from ._checks import at_least, check_open_unit, comma_list, pretrained_model
 
 TASKS = ("facts", "parity", "max", "length")
 
 
-def _check_model_spec(value: str) -> None:
-    if not (value.startswith("zoo:") or value.startswith("hf:") or value.startswith("path:")):
-        raise ValueError(f"must be 'zoo:base' (pre-trained by the book) or a pre-trained model 'hf:org/name' / "
-                         f"'path:/folder', got {value!r}")
-
-
 def _check_other_init(value: str) -> None:
     if value != "zoo:other-seed":
-        _check_model_spec(value)
+        pretrained_model(value)
 
 
 def _check_tasks(value: str) -> None:
@@ -94,7 +88,7 @@ register(ChapterSpec(
                     steps=300, lr=1e-5, wise_lr=3e-5, soup_lrs="1e-5,2e-5,5e-5", soup_orders=2,
                     multitask_steps=600, stat_examples=256, lora_rank=16, lora_lr=2e-4, workers=1),
     },
-    validators={"model": _check_model_spec, "other_init": _check_other_init, "tasks": _check_tasks,
+    validators={"model": pretrained_model, "other_init": _check_other_init, "tasks": _check_tasks,
                 "alphas": _check_alphas, "scalings": _grid(0.0, 4.0, what="scalings", min_items=1),
                 "drop_rates": _grid(0.0, 0.999, what="drop rates"), "soup_lrs": _check_lrs,
                 "lr": _check_positive, "wise_lr": _check_positive,

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..config import ChapterSpec, register
-from ._checks import at_least, check_open_unit, comma_list
+from ._checks import at_least, check_open_unit, comma_list, pretrained_model
 
 FAMILIES = ("add", "max", "min", "sort", "reverse", "first", "last", "length", "count", "parity", "successor")
 
@@ -23,12 +23,6 @@ def _check_family_counts(value: str) -> None:
     counts = comma_list(value, int)
     if len(counts) < 2 or any(c < 1 for c in counts) or counts != sorted(set(counts)):
         raise ValueError(f"must be at least two increasing positive integers, e.g. '1,2,4,8'; got {value!r}")
-
-
-def _check_model(value: str) -> None:
-    if not (value.startswith("zoo:") or value.startswith("hf:") or value.startswith("path:")):
-        raise ValueError(f"must be 'zoo:base' (the book's pre-trained base) or 'hf:org/name' / 'path:/folder', "
-                         f"got {value!r}")
 
 
 def _check_instructions(value: str) -> None:
@@ -62,7 +56,7 @@ register(ChapterSpec(
                     lima_clean_pairs=1000, lima_large_pairs=10_000, chat_pairs=0),
     },
     choices={"response_style": ("answer", "sentence")},
-    validators={"model": _check_model, "instructions": _check_instructions,
+    validators={"model": pretrained_model, "instructions": _check_instructions,
                 "held_out_families": _check_families, "family_counts": _check_family_counts,
                 "lima_noise": check_open_unit, "train_pairs": at_least(8), "eval_per_family": at_least(1),
                 "lima_clean_pairs": at_least(2), "lima_large_pairs": at_least(2), "chat_pairs": at_least(0)},

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..config import ChapterSpec, register
-from ._checks import at_least, check_open_unit, comma_list
+from ._checks import at_least, check_open_unit, comma_list, pretrained_model
 
 
 # --- chapter 6: forgetting ----------------------------------------------------------------------------
@@ -22,12 +22,6 @@ def _check_shares(value: str) -> None:
     shares = comma_list(value, float)
     if len(shares) < 2 or any(not 0 <= s <= 1 for s in shares) or shares != sorted(set(shares)):
         raise ValueError(f"must be at least two increasing shares in [0, 1], e.g. '0,0.5,1'; got {value!r}")
-
-
-def _check_model_spec(value: str) -> None:
-    if not (value.startswith("zoo:") or value.startswith("hf:") or value.startswith("path:")):
-        raise ValueError(f"must be 'zoo:base' (pre-trained by the book) or a pre-trained model 'hf:org/name' / "
-                         f"'path:/folder', got {value!r}")
 
 
 def _check_target(value: str) -> None:
@@ -78,7 +72,7 @@ register(ChapterSpec(
                     snapshot_every=500),  # few snapshots: each holds every projection matrix of the model
     },
     choices={},
-    validators={"model": _check_model_spec, "target": _check_target,
+    validators={"model": pretrained_model, "target": _check_target,
                 "full_lrs": _positive_list(float, "learning rates"), "lora_lrs": _positive_list(float, "learning rates"),
                 "lora_ranks": _positive_list(int, "ranks"), "unknown_shares": _check_shares,
                 "energy": _check_energy, "intruder_threshold": check_open_unit, "revival_level": check_open_unit,

@@ -66,3 +66,11 @@ def test_setup_rejects_a_misspelt_papermill_parameter_before_any_work(tmp_home):
     with pytest.raises(C.ConfigError, match="n_layr"):
         ftbook.setup("01_pretraining", {"profile": "smoke", "seed": 0, "n_layr": 4}, quiet=True)
     assert not tmp_home.exists()  # nothing cached, no record
+
+
+@pytest.mark.parametrize("chapter", ["02_adapters", "04_merging", "05_instruction_tuning", "06_forgetting"])
+def test_model_knob_takes_zoo_hub_or_folder_specs(chapter):
+    for good in ("zoo:base", "hf:org/name", "path:/models/x"):
+        assert C.make(chapter, profile="cpu", seed=0, model=good).model == good
+    with pytest.raises(C.ConfigError, match="'model'.*zoo:base"):
+        C.make(chapter, profile="cpu", seed=0, model="base")
