@@ -37,6 +37,51 @@ def pad_right(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, to
     return ids, mask
 
 
+@torch.no_grad()
+def rank_candidates(model, tokenizer, prompts: Sequence[str], candidates: Sequence[Sequence[str]], *,
+                    batch_size: int = 128, multi_token_batch_size: int = 64) -> np.ndarray:
+    """Index of the candidate continuation the model finds most likely, per prompt (candidates include their
+    leading space, e.g. ``" paris"``).
+
+    When every candidate is a single token (the synthetic world's answers are, in the book's vocabulary) one
+    forward pass per prompt suffices: the next-token logits at the prompt's end, restricted to the row's
+    candidates. Otherwise each (prompt, candidate) pair is scored by :func:`continuation_logprobs` (summed
+    log-probabilities). Each distinct candidate is tokenized once, not once per row.
+    """
+    token_of: dict[str, int] = {}
+    for candidate in {c for cands in candidates for c in cands}:
+        ids = tokenizer(candidate, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            token_of = {}
+            break
+        token_of[candidate] = ids[0]
+    if token_of:
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        rows = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+        best = []
+        try:
+            for start in range(0, len(rows), batch_size):
+                chunk = rows[start:start + batch_size]
+                x, mask = pad_right(chunk, tokenizer.pad_token_id)
+                logits = model(input_ids=x.to(device), attention_mask=mask.to(device)).logits.float()
+                last = logits[torch.arange(len(chunk)), (mask.sum(1) - 1).to(device)].cpu()
+                for i, cands in enumerate(candidates[start:start + len(chunk)]):
+                    best.append(int(last[i, [token_of[c] for c in cands]].argmax()))
+        finally:
+            model.train(was_training)
+        return np.array(best, dtype=int)
+    flat_prompts = [p for p, cands in zip(prompts, candidates) for _ in cands]
+    flat_conts = [c for cands in candidates for c in cands]
+    scores = continuation_logprobs(model, tokenizer, flat_prompts, flat_conts, batch_size=multi_token_batch_size)
+    out, i = [], 0
+    for cands in candidates:
+        out.append(int(np.argmax(scores[i:i + len(cands)])))
+        i += len(cands)
+    return np.array(out, dtype=int)
+
+
 def continuation_logprobs(model, tokenizer, prompts: Sequence[str], continuations: Sequence[str],
                           batch_size: int = 64) -> np.ndarray:
     """Sum of log-probabilities of each continuation given its prompt (one number per pair)."""

@@ -339,45 +339,13 @@ def qa_pairs(facts: Sequence[D.Fact], *, language: int = 1, phrasing: int = 0) -
     return prompts, answers
 
 
-@torch.no_grad()
 def rank_candidates(model, tokenizer, prompts: Sequence[str], candidates: Sequence[Sequence[str]],
                     batch_size: int = 128) -> np.ndarray:
-    """Index of the candidate continuation the model finds most likely, per prompt.
+    """Index of the candidate continuation the model finds most likely, per prompt
+    (:func:`ftbook.evaluate.rank_candidates`)."""
+    from .evaluate import rank_candidates as rank
 
-    When every candidate is a single token (the world's values are, in the book's vocabulary) one forward pass
-    per prompt suffices: the next-token log-probabilities at the prompt's end. Otherwise each (prompt, candidate)
-    pair is scored by ``evaluate.continuation_logprobs``.
-    """
-    from .evaluate import continuation_logprobs
-
-    ids = [[tokenizer(c, add_special_tokens=False)["input_ids"] for c in cands] for cands in candidates]
-    if all(len(x) == 1 for cands in ids for x in cands):
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        pad = tokenizer.pad_token_id
-        rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        best = []
-        try:
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start:start + batch_size]
-                x, mask = pad_right(chunk, pad)
-                logits = model(input_ids=x.to(device), attention_mask=mask.to(device)).logits.float()
-                last = logits[torch.arange(len(chunk)), (mask.sum(1) - 1).to(device)].cpu()
-                for i in range(len(chunk)):
-                    tokens = torch.tensor([c[0] for c in ids[start + i]])
-                    best.append(int(last[i, tokens].argmax()))
-        finally:
-            model.train(was_training)
-        return np.array(best)
-    flat_prompts = [p for p, cands in zip(prompts, candidates) for _ in cands]
-    flat_conts = [c for cands in candidates for c in cands]
-    scores = continuation_logprobs(model, tokenizer, flat_prompts, flat_conts)
-    out, i = [], 0
-    for cands in candidates:
-        out.append(int(np.argmax(scores[i:i + len(cands)])))
-        i += len(cands)
-    return np.array(out)
+    return rank(model, tokenizer, prompts, candidates, batch_size=batch_size)
 
 
 def fact_accuracy(model, tokenizer, facts: Sequence[D.Fact], *, language: int = 1, phrasing: int = 0,

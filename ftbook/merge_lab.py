@@ -113,49 +113,13 @@ def encode(examples: Examples, tokenizer, seq_len: int):
 
 @torch.no_grad()
 def predict(model, tokenizer, examples: Examples, *, batch_size: int = 256) -> np.ndarray:
-    """Index of the candidate each row's model ranks first: one forward pass, the next-token logits at the end of
-    the prompt restricted to the row's candidates (every candidate answer is one token in the book's vocabulary;
-    ``forgetting.rank_candidates`` does the same but re-tokenizes every candidate of every row, 20x slower)."""
-    from .evaluate import pad_right
+    """Index of the candidate each row's model ranks first (:func:`ftbook.evaluate.rank_candidates`: one forward
+    pass per row when every answer is one token, summed log-probabilities otherwise)."""
+    from .evaluate import rank_candidates
 
-    vocab: dict[str, int] = {}
-    for cs in examples.candidates:
-        for c in cs:
-            if c not in vocab:
-                ids = tokenizer(" " + c, add_special_tokens=False)["input_ids"]
-                if len(ids) != 1:  # e.g. words of the second language: score whole continuations
-                    return _predict_multi_token(model, tokenizer, examples)
-                vocab[c] = ids[0]
-    rows = tokenizer(list(examples.prompts), add_special_tokens=False)["input_ids"]
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            ids, mask = pad_right(chunk, tokenizer.pad_token_id)
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            last = logits[torch.arange(len(chunk)), (mask.sum(1) - 1).to(device)].float().cpu()
-            for i, cs in enumerate(examples.candidates[start:start + len(chunk)]):
-                out.append(int(last[i, [vocab[c] for c in cs]].argmax()))
-    finally:
-        model.train(was_training)
-    return np.array(out)
-
-
-def _predict_multi_token(model, tokenizer, examples: Examples) -> np.ndarray:
-    """:func:`predict` for candidates of several tokens: the sum of each candidate's log-probabilities."""
-    from .evaluate import continuation_logprobs
-
-    prompts = [p for p, cs in zip(examples.prompts, examples.candidates) for _ in cs]
-    conts = [" " + c for cs in examples.candidates for c in cs]
-    logp = continuation_logprobs(model, tokenizer, prompts, conts, batch_size=256)
-    out, i = [], 0
-    for cs in examples.candidates:
-        out.append(int(np.argmax(logp[i:i + len(cs)])))
-        i += len(cs)
-    return np.array(out)
+    return rank_candidates(model, tokenizer, list(examples.prompts),
+                           [[" " + c for c in cs] for cs in examples.candidates],
+                           batch_size=batch_size, multi_token_batch_size=256)
 
 
 def accuracy(model, tokenizer, examples: Examples) -> float:
