@@ -117,13 +117,6 @@ def test_update_report_of_a_full_update(tiny):
 
 
 # --- encoding and tasks ----------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    world = D.World(seed=0, n_entities=8)
-    texts = D.world_documents(world, 300, seed=0)
-    return D.train_tokenizer(texts, vocab_size=300, cache_dir=tmp_path_factory.mktemp("tok"))
-
-
 def test_encode_pairs_puts_the_loss_on_the_answer_only(tokenizer):
     rows = F.encode_pairs(["sorted , 3 1 becomes"], ["1 3 ."], tokenizer, seq_len=32)
     ids, labels = np.asarray(rows["input_ids"])[0], np.asarray(rows["labels"])[0]

@@ -8,13 +8,6 @@ from ftbook import models
 from ftbook.checkpoints import sample_examples
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    world = D.World(seed=0, n_entities=8)
-    texts = D.world_documents(world, 300, seed=0)
-    return D.train_tokenizer(texts, vocab_size=300, cache_dir=tmp_path_factory.mktemp("tok"))
-
-
 # --- the chat template and the loss mask ------------------------------------------------------------------
 def test_template_uses_the_tokenizers_own_chat_tokens(tokenizer):
     template = I.ChatTemplate(tokenizer)

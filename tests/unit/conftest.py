@@ -1,0 +1,12 @@
+"""Fixtures shared by the unit tests."""
+import pytest
+
+from ftbook import data as D
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """A byte-level BPE tokenizer (300 tokens, with the book's special tokens) trained on a small synthetic world;
+    a test file may define its own ``tokenizer`` when it needs another vocabulary."""
+    texts = D.world_documents(D.World(seed=0, n_entities=8), 300, seed=0)
+    return D.train_tokenizer(texts, vocab_size=300, cache_dir=tmp_path_factory.mktemp("tok"))
