@@ -296,6 +296,27 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+def latent_improvement(grid, *, flat: float = 0.15, measure: str = "fine_tuned_few"):
+    """Amuro & Char's latent improvement, measured against the first checkpoint.
+
+    ``grid`` has one row per (checkpoint, task) with ``step``, ``task``, ``zero_shot`` and ``measure``. For every
+    later checkpoint and task whose zero-shot accuracy rose by at most ``flat`` over the first checkpoint's (the
+    checkpoint still cannot do the task when asked — within the noise), take how much ``measure`` (the
+    fine-tuned accuracy) rose. Returns the mean of those rises (NaN if no pair qualifies) and the pairs as a
+    table (``task``, ``step``, ``zero_shot_rise``, ``fine_tuned_rise``, ``flat``)."""
+    import pandas as pd
+
+    first_step = grid["step"].min()
+    first = grid[grid["step"] == first_step].set_index("task")
+    later = grid[grid["step"] > first_step]
+    pairs = pd.DataFrame({"task": later["task"].to_numpy(), "step": later["step"].to_numpy(),
+                          "zero_shot_rise": later["zero_shot"].to_numpy() - first.loc[later["task"], "zero_shot"].to_numpy(),
+                          "fine_tuned_rise": later[measure].to_numpy() - first.loc[later["task"], measure].to_numpy()})
+    pairs["flat"] = pairs["zero_shot_rise"] <= flat
+    chosen = pairs.loc[pairs["flat"], "fine_tuned_rise"]
+    return (float(chosen.mean()) if len(chosen) else float("nan")), pairs
+
+
 def step_of(name: str, final_step: int) -> int:
     """``'step-400'`` -> 400, ``'final'`` -> ``final_step``; hub revisions ``'step3000'`` -> 3000."""
     if name == "final":
@@ -341,14 +362,22 @@ def answer_loss(model, tokenizer, examples: Sequence[Example], phrasings: Sequen
 
 
 # --- the chapter's grid: every checkpoint x every task ----------------------------------------------------------
+def few_shot_sets(family: str, n: int, draws: int, *, seed: int) -> list[list[Example]]:
+    """``draws`` independent small training sets of ``n`` examples (the data-limited fine-tunes)."""
+    return [sample_examples(family, n, seed=seed, split=f"few-{draw}") for draw in range(draws)]
+
+
 def evaluate_checkpoint(model, tokenizer, family: str, train: Sequence[Example], test: Sequence[Example], *,
                         finetune_steps: int, finetune_lr: float, finetune_batch: int, seq_len: int, seed: int,
-                        probe_l2: float = 1e-3, facts=None, device: str = "cpu", desc: str = "fine-tune") -> dict:
+                        probe_l2: float = 1e-3, facts=None, few_shot: Sequence[Sequence[Example]] = (),
+                        few_shot_steps: int = 40, device: str = "cpu", desc: str = "fine-tune") -> dict:
     """One cell of the grid: zero-shot, linear probe, fine-tune, and what the fine-tune cost.
 
     Returns accuracies (``zero_shot``, ``probe``, ``fine_tuned`` on the tuned wordings, ``held_out_wordings``),
     the wording gap before (the checkpoint asked in the chat format) and after fine-tuning, and — if ``facts`` are
-    given — fact recall before and after (:func:`ftbook.evaluate.fact_probe`)."""
+    given — fact recall before and after (:func:`ftbook.evaluate.fact_probe`). With ``few_shot`` training sets,
+    also ``fine_tuned_few``: the mean tuned-wording accuracy of one short fine-tune (``few_shot_steps``) on each —
+    fine-tuning with too little data to learn the task alone, so the result shows what the checkpoint brings."""
     from .evaluate import fact_probe
 
     before = accuracy_by_wording(model, tokenizer, test)
@@ -366,7 +395,27 @@ def evaluate_checkpoint(model, tokenizer, family: str, train: Sequence[Example],
     if facts is not None:
         row.update(facts_before=fact_probe(model, tokenizer, facts)["accuracy"],
                    facts_after=fact_probe(tuned, tokenizer, facts)["accuracy"])
+    if few_shot:
+        row["fine_tuned_few"] = float(np.mean([
+            instruction_accuracy(finetune(model, tokenizer, small, steps=few_shot_steps, lr=finetune_lr,
+                                          batch_size=min(finetune_batch, len(small)), seq_len=seq_len,
+                                          seed=seed + draw, device=device, desc=f"{desc} (few-shot)"),
+                                 tokenizer, test, TUNED_PHRASINGS)
+            for draw, small in enumerate(few_shot)]))
     return row
+
+
+def grid_cell(load, family: str, *, train_examples: int, test_examples: int, few_shot_examples: int = 0,
+              few_shot_draws: int = 0, facts=None, seed: int, **finetune) -> dict:
+    """:func:`evaluate_checkpoint` for the checkpoint ``load()`` returns (model, tokenizer) — a job for
+    :class:`ftbook.parallel.Pool`: with ``load`` a ``functools.partial`` of a module function (e.g.
+    ``zoo.load``) it pickles, and each worker loads its own copy of the checkpoint."""
+    model, tokenizer = load()
+    train = sample_examples(family, train_examples, seed=seed, split="train")
+    test = sample_examples(family, test_examples, seed=seed, split="test")
+    few = few_shot_sets(family, few_shot_examples, few_shot_draws, seed=seed) if few_shot_draws else ()
+    return evaluate_checkpoint(model, tokenizer, family, train, test, seed=seed, facts=facts, few_shot=few,
+                               **finetune)
 
 
 def weights_digest(model) -> str:

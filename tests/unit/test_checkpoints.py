@@ -189,3 +189,45 @@ def test_weights_digest_tells_identical_weights_from_different_ones(tokenizer):
     b, _ = models.load("tiny:llama?n_layer=1&d_model=32", tokenizer=tokenizer, seed=0)
     c, _ = models.load("tiny:llama?n_layer=1&d_model=32", tokenizer=tokenizer, seed=1)
     assert K.weights_digest(a) == K.weights_digest(b) != K.weights_digest(c)
+
+
+def test_grid_cell_scores_a_checkpoint_before_and_after_fine_tuning(tokenizer, tiny):
+    before = {k: v.clone() for k, v in tiny.state_dict().items()}
+    knobs = dict(train_examples=32, test_examples=8, few_shot_examples=4, few_shot_draws=2, few_shot_steps=3,
+                 seed=0, finetune_steps=3, finetune_lr=3e-3, finetune_batch=8, seq_len=32)
+    cell = K.grid_cell(lambda: (tiny, tokenizer), "parity", **knobs)
+    for measure in ("zero_shot", "probe", "fine_tuned", "held_out_wordings", "fine_tuned_few"):
+        assert 0.0 <= cell[measure] <= 1.0, measure
+    assert all(torch.equal(v, tiny.state_dict()[k]) for k, v in before.items())  # fine-tunes are copies
+    assert K.grid_cell(lambda: (tiny, tokenizer), "parity", **knobs) == cell  # seeded: same numbers again
+    without = K.grid_cell(lambda: (tiny, tokenizer), "parity", **{**knobs, "few_shot_draws": 0})
+    assert "fine_tuned_few" not in without
+    assert {k: v for k, v in cell.items() if k != "fine_tuned_few"} == without  # the rest does not depend on it
+
+
+def test_few_shot_sets_are_independent_small_draws():
+    sets = K.few_shot_sets("max", 16, 3, seed=0)
+    assert [len(s) for s in sets] == [16, 16, 16]
+    assert len({tuple(str(e.args) for e in s) for s in sets}) == 3
+    assert [str(e.args) for e in K.few_shot_sets("max", 16, 3, seed=0)[1]] == [str(e.args) for e in sets[1]]
+
+
+def test_latent_improvement_counts_only_tasks_the_checkpoint_still_cannot_do():
+    import pandas as pd
+
+    grid = pd.DataFrame([
+        # task a: zero-shot flat, fine-tuned rises -> counted
+        dict(task="a", step=100, zero_shot=0.10, fine_tuned_few=0.20),
+        dict(task="a", step=400, zero_shot=0.15, fine_tuned_few=0.60),
+        dict(task="a", step=800, zero_shot=0.30, fine_tuned_few=0.90),  # zero-shot rose 0.20: not counted
+        # task b: zero-shot rises with fine-tuned -> not latent
+        dict(task="b", step=100, zero_shot=0.10, fine_tuned_few=0.30),
+        dict(task="b", step=400, zero_shot=0.80, fine_tuned_few=0.90),
+        dict(task="b", step=800, zero_shot=0.35, fine_tuned_few=0.20),  # rose 0.25: counted only at flat=0.3
+    ])
+    mean, pairs = K.latent_improvement(grid, flat=0.15)
+    assert pairs["flat"].tolist() == [True, False, False, False]
+    assert mean == pytest.approx(0.40)
+    mean, pairs = K.latent_improvement(grid, flat=0.3)
+    assert pairs["flat"].sum() == 3 and mean == pytest.approx((0.40 + 0.70 - 0.10) / 3)
+    assert np.isnan(K.latent_improvement(grid, flat=-1.0)[0])
