@@ -16,8 +16,15 @@ family's first pre-training sentence with the answer in it). A response is score
 which knows each family's format: it says whether the response *follows the format* (format adherence)
 and extracts the answer (exact match).
 
+FLAN's claim rests on a precondition — the base must already perform a held-out family's skill in some
+format — which :func:`skill_probe` measures (the family's narrative cut before its answer, continued
+greedily); :func:`answer_sources` reads what a tuned model answers instead of the right answer (another
+family's answer on the same numbers, or one fixed answer).
+
 Fine-tuning goes through :func:`ftbook.forgetting.finetune` (the book's loop on a copy of the model);
-generation through :func:`ftbook.evaluate.generate` (greedy).
+generation through :func:`ftbook.evaluate.generate` (greedy). Every arm is one picklable job
+(:func:`tune_and_score` on the base :func:`load_base_into_worker` loaded), so :class:`ftbook.parallel.Pool`
+runs the arms side by side.
 """
 from __future__ import annotations
 
@@ -208,11 +215,102 @@ def score(model, tokenizer, examples: Sequence[Example], *, style: str, phrasing
     return out
 
 
+def prose_answer(continuation: str, answer: str) -> bool:
+    """Whether a greedy continuation of a narrative cut before its answer starts with ``answer`` (word for
+    word: a list answer must come whole)."""
+    words = continuation.replace(D.EOS, " ").split()
+    return words[:len(answer.split())] == answer.split()
+
+
+def probe_examples(family: str, n: int, *, seed: int) -> list[Example]:
+    """The examples :func:`skill_probe` asks (a stream of their own, apart from tuning and test questions)."""
+    return sample_examples(family, n, seed=seed, split="probe")
+
+
+def skill_probe(model, tokenizer, families: Sequence[str], n: int, *, seed: int,
+                max_new_tokens: int = 8) -> dict[str, float]:
+    """The base's skill *in its own prose*, per family: greedy continuations of the family's narratives cut
+    before the answer (``of the numbers 3 9 4 the smallest is``), each native template in turn.
+
+    This is the precondition of the FLAN claim: instruction tuning can only *unlock* for a held-out family
+    a skill the pre-trained model already performs in some format; where the probe is at chance, no amount
+    of tuning on other families can transfer it."""
+    from .checkpoints import native_templates
+    from .evaluate import generate
+
+    out = {}
+    for family in families:
+        templates = native_templates(family)
+        examples = probe_examples(family, n, seed=seed)
+        prompts = [templates[i % len(templates)].format(**ex.args) for i, ex in enumerate(examples)]
+        continuations = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens)
+        out[family] = float(np.mean([prose_answer(c, ex.answer) for c, ex in zip(continuations, examples)]))
+    return out
+
+
+# --- what a tuned model answers instead: the diagnosis of held-out failures --------------------------------
+_LIST_READINGS = {
+    "max": max, "min": min, "first": lambda xs: xs[0], "last": lambda xs: xs[-1], "length": len,
+    "sort": lambda xs: " ".join(map(str, sorted(xs))), "reverse": lambda xs: " ".join(map(str, xs[::-1])),
+}
+
+
+def other_readings(example: Example) -> dict[str, str]:
+    """What *other* families would answer on this example's arguments (``give the min of 7 3 5 2`` read as
+    max: ``7``, as first: ``7``, as length: ``4``, ...); for a number ``n``: its successor and ``n`` itself."""
+    args = example.args
+    if "xs" in args and "x" not in args:
+        xs = [int(t) for t in str(args["xs"]).split()]
+        readings = {f: str(fn(xs)) for f, fn in _LIST_READINGS.items()}
+    elif "n" in args:
+        readings = {"successor": str(args["n"] + 1), "parity": "even" if args["n"] % 2 == 0 else "odd",
+                    "echo": str(args["n"])}
+    else:
+        readings = {}
+    readings.pop(example.family, None)
+    return {f: r for f, r in readings.items() if r != example.answer}
+
+
+def answer_sources(examples: Sequence[Example], outputs: Sequence[str], end: str = D.END) -> dict[str, dict]:
+    """Per family: where the model's answers come from — the right answer, *another family's* answer on the
+    same arguments (it answered the nearest tuned task), or one fixed answer (the share of its single most
+    frequent answer). Outputs as :func:`score` keeps them (``keep_outputs=True``)."""
+    from collections import Counter
+
+    out: dict[str, dict] = {}
+    for family in dict.fromkeys(ex.family for ex in examples):
+        rows = [(ex, o.split(end, 1)[0].replace(D.EOS, "").strip()) for ex, o in zip(examples, outputs)
+                if ex.family == family]
+        answers = [a for _, a in rows]
+        borrowed = Counter(f for ex, a in rows for f, r in other_readings(ex).items() if a == r)
+        top, top_count = borrowed.most_common(1)[0] if borrowed else ("-", 0)
+        out[family] = {
+            "correct": float(np.mean([a == ex.answer for ex, a in rows])),
+            "another family's answer": float(np.mean([a != ex.answer and a in other_readings(ex).values()
+                                                      for ex, a in rows])),
+            "most borrowed family": top, "its share": top_count / len(rows),
+            "one fixed answer": Counter(answers).most_common(1)[0][1] / len(rows),
+            "the fixed answer": Counter(answers).most_common(1)[0][0],
+        }
+    return out
+
+
 def family_order(pool: Sequence[str], seed: int) -> list[str]:
     """The order in which the family sweep adds tuning families (seeded: the sets are nested)."""
     order = list(pool)
     random.Random(f"family-order-{seed}").shuffle(order)
     return order
+
+
+def family_orders(pool: Sequence[str], seed: int, n: int) -> list[list[str]]:
+    """``n`` orders of the family sweep: the seeded order and its rotations by ``len(pool) // n`` — each starts
+    with a different family, so that averaging the sweep over them keeps the result from being set by which
+    family happens to come first (the nested sets of different orders are disjoint up to ``len(pool) // n``)."""
+    if not 1 <= n <= len(pool):
+        raise ValueError(f"need between 1 and {len(pool)} family orders, got {n}")
+    first = family_order(pool, seed)
+    step = len(pool) // n
+    return [first[j * step:] + first[:j * step] for j in range(n)]
 
 
 def recovered_fraction(base: float, tuned: float, other: float) -> float:
@@ -270,6 +368,35 @@ def tune(model, tokenizer, pairs: Sequence[tuple[str, str]], *, steps: int, lr: 
                         warmup_steps=max(1, steps // 10), device=device, precision=precision, desc=desc)
     tuned.eval()
     return tuned
+
+
+# --- the arms as jobs for ftbook.parallel (one single-thread process each) ------------------------------------
+def load_base_into_worker(model_spec: str, seed: int, profile: str, device: str = "cpu") -> None:
+    """Pool initializer: load the base once per worker process (every job tunes a copy of it)."""
+    from . import models
+    from .parallel import worker_state
+
+    base, tokenizer = models.load(model_spec, seed=seed, profile=profile)
+    worker_state().update(base=base.to(device).eval(), tokenizer=tokenizer, template=ChatTemplate(tokenizer))
+
+
+def tune_and_score(pairs: Sequence[tuple[str, str]] | None, tests: dict[str, Sequence[Example]], *, style: str,
+                   tune_kwargs: dict, mask_prompt: bool = True, desc: str = "instruction-tune",
+                   show: Sequence[str] = ()) -> dict:
+    """One arm, as a job: tune a copy of the worker's base on ``pairs`` (``None``: the base itself) and
+    :func:`score` it on every named test set (outputs kept); ``show`` instructions are answered greedily too."""
+    from .evaluate import generate
+    from .parallel import worker_state
+
+    state = worker_state()
+    base, tokenizer, template = state["base"], state["tokenizer"], state["template"]
+    model = base if pairs is None else tune(base, tokenizer, pairs, mask_prompt=mask_prompt, desc=desc,
+                                            **tune_kwargs)
+    out = {name: score(model, tokenizer, examples, style=style, template=template, keep_outputs=True)
+           for name, examples in tests.items()}
+    if show:
+        out["shown"] = generate(model, tokenizer, [template.prompt(p) for p in show], max_new_tokens=16)
+    return out
 
 
 def hub_instruction_pairs(spec: str, n: int, *, split: str = "train", offset: int = 0) -> list[tuple[str, str]]:

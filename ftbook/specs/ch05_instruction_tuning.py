@@ -25,6 +25,12 @@ def _check_family_counts(value: str) -> None:
         raise ValueError(f"must be at least two increasing positive integers, e.g. '1,2,4,8'; got {value!r}")
 
 
+def _check_family_orders(value: int) -> None:
+    if not 1 <= value <= len(FAMILIES) - 3:
+        raise ValueError(f"must lie between 1 and {len(FAMILIES) - 3} (each order starts with a different tuning "
+                         f"family; the default holds out 3 of {len(FAMILIES)}), got {value}")
+
+
 def _check_instructions(value: str) -> None:
     if value != "synthetic" and not value.startswith("hf:"):
         raise ValueError(f"must be 'synthetic' (the world's task families) or a hub dataset 'hf:org/name', "
@@ -39,25 +45,28 @@ register(ChapterSpec(
         instructions="synthetic",      # tuning data: the world's task families, or a hub dataset (gpu)
         held_out_families="min,last,successor",  # never tuned on: the FLAN-style evaluation
         family_counts="1,2,4,8",       # the family sweep: tuning families (nested sets, seeded order)
+        family_orders=2,               # orders of the sweep averaged (each starts with another family)
         response_style="answer",       # 'answer' (the bare answer) or 'sentence' (pre-training's sentence)
         train_pairs=800,               # instruction pairs per tuning run (all arms but the LIMA ones)
         steps=100, lr=2e-3, batch_size=16, seq_len=40,
-        eval_per_family=30,            # held-out examples per family (asked in the held-out wordings)
+        eval_per_family=60,            # held-out-family test questions per family (half that per tuned family)
         lima_clean_pairs=160,          # the small, clean, diverse set
         lima_large_pairs=1600,         # the large narrow / noisy sets
         lima_noise=0.5,                # fraction of wrong (but well-formed) responses in the noisy set
         chat_pairs=60,                 # real question/answer pairs (chatterbot) mixed into every tuning run
+        workers=2,                     # processes: the arms are independent and run side by side
     ),
     diffs={
         "smoke": dict(steps=4, train_pairs=64, eval_per_family=2, lima_clean_pairs=32, lima_large_pairs=64,
-                      family_counts="1,2", chat_pairs=8, batch_size=8),
+                      family_counts="1,2", chat_pairs=8, batch_size=8, family_orders=1, workers=1),
         "gpu": dict(model="hf:Qwen/Qwen2.5-0.5B", instructions="hf:databricks/databricks-dolly-15k",
                     steps=1000, lr=2e-5, batch_size=32, seq_len=512, train_pairs=10_000, eval_per_family=200,
-                    lima_clean_pairs=1000, lima_large_pairs=10_000, chat_pairs=0),
+                    lima_clean_pairs=1000, lima_large_pairs=10_000, chat_pairs=0, workers=1),
     },
     choices={"response_style": ("answer", "sentence")},
     validators={"model": pretrained_model, "instructions": _check_instructions,
                 "held_out_families": _check_families, "family_counts": _check_family_counts,
                 "lima_noise": check_open_unit, "train_pairs": at_least(8), "eval_per_family": at_least(1),
-                "lima_clean_pairs": at_least(2), "lima_large_pairs": at_least(2), "chat_pairs": at_least(0)},
+                "lima_clean_pairs": at_least(2), "lima_large_pairs": at_least(2), "chat_pairs": at_least(0),
+                "family_orders": _check_family_orders, "workers": at_least(1)},
 ))

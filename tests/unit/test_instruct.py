@@ -5,7 +5,7 @@ from ftbook import config as C
 from ftbook import data as D
 from ftbook import instruct as I
 from ftbook import models
-from ftbook.checkpoints import sample_examples
+from ftbook.checkpoints import Example, sample_examples
 
 
 # --- the chat template and the loss mask ------------------------------------------------------------------
@@ -127,6 +127,66 @@ def test_recovered_fraction():
     assert I.recovered_fraction(0.2, 0.2, 0.3) != I.recovered_fraction(0.2, 0.2, 0.3)   # nan: no gain
 
 
+# --- the skill probe and the diagnosis of held-out answers ----------------------------------------------------------
+def test_a_prose_answer_must_come_whole_and_first():
+    assert I.prose_answer(" 3 . of the numbers", "3")
+    assert I.prose_answer(" 1 3 5 . sorted", "1 3 5")
+    assert not I.prose_answer(" 1 3 . sorted", "1 3 5")        # a list answer cut short
+    assert not I.prose_answer(" 13 .", "1")                    # a longer number is another answer
+    assert not I.prose_answer(" largest is 9", "9")
+
+
+def test_skill_probe_continues_each_familys_own_narrative(monkeypatch):
+    import ftbook.evaluate as E
+
+    prompts_seen = []
+
+    def smallest_of_the_prompt(model, tokenizer, prompts, max_new_tokens=12):  # a stand-in model that "knows" min
+        prompts_seen.extend(prompts)
+        return [" " + str(min(int(t) for t in p.split() if t.isdigit())) + " ." for p in prompts]
+
+    monkeypatch.setattr(E, "generate", smallest_of_the_prompt)
+    probe = I.skill_probe(object(), None, ["min", "max"], 20, seed=0)
+    assert probe["min"] == 1.0 and probe["max"] < 1.0
+    # the prompts are the narratives cut before the answer, every native template in turn
+    assert {p.split()[0] for p in prompts_seen} == {"of", "among"}
+    assert all(p.endswith(("the smallest is", "the largest is", ",")) and "{" not in p for p in prompts_seen)
+    examples = I.probe_examples("max", 20, seed=0)
+    assert [ex.args for ex in examples] == [ex.args for ex in I.probe_examples("max", 20, seed=0)]
+    assert [ex.args for ex in examples] != [ex.args for ex in I.eval_examples(["max"], 20, seed=0)]  # own stream
+
+
+def test_other_readings_are_what_other_families_would_answer():
+    ex = Example("min", {"xs": "7 3 5 2", "answer": 2})
+    readings = I.other_readings(ex)
+    assert readings["max"] == "7" and readings["first"] == "7" and readings["length"] == "4"
+    assert "min" not in readings and "last" not in readings      # last is 2: the right answer is no other reading
+    number = Example("successor", {"n": 12, "answer": 13})
+    assert I.other_readings(number) == {"parity": "even", "echo": "12"}
+
+
+def test_answer_sources_tell_borrowed_and_fixed_answers_from_right_ones():
+    examples = [Example("min", {"xs": xs, "answer": min(int(t) for t in xs.split())})
+                for xs in ("7 3 5 2", "9 1 4", "6 8 3", "5 5 9")]
+    as_first = [xs.split()[0] + D.END for xs in ("7 3 5 2", "9 1 4", "6 8 3", "5 5 9")]
+    sources = I.answer_sources(examples, as_first)["min"]
+    assert sources["correct"] == 0.25                        # "5 5 9": the first is also the min
+    assert sources["another family's answer"] == 0.75 and sources["most borrowed family"] in ("first", "max")
+    fixed = I.answer_sources(examples, ["1" + D.END] * 4)["min"]
+    assert fixed["one fixed answer"] == 1.0 and fixed["the fixed answer"] == "1" and fixed["correct"] == 0.25
+
+
+def test_family_orders_start_with_different_families():
+    pool = ["add", "max", "sort", "reverse", "first", "length", "count", "parity"]
+    orders = I.family_orders(pool, seed=3, n=2)
+    assert orders[0] == I.family_order(pool, 3)
+    assert all(sorted(o) == sorted(pool) for o in orders)
+    assert orders[0][0] != orders[1][0] and set(orders[0][:4]).isdisjoint(orders[1][:4])
+    assert I.family_orders(pool, seed=3, n=1) == [orders[0]]
+    with pytest.raises(ValueError, match="family orders"):
+        I.family_orders(pool, seed=3, n=9)
+
+
 # --- tuning and scoring end to end, tiny ---------------------------------------------------------------------------
 def test_tuning_teaches_a_tiny_model_the_format(tokenizer):
     torch.set_num_threads(1)
@@ -141,6 +201,32 @@ def test_tuning_teaches_a_tiny_model_the_format(tokenizer):
     assert next(model.parameters()).data_ptr() != next(tuned.parameters()).data_ptr()  # a copy was tuned
 
 
+def test_an_arm_runs_as_a_picklable_job_on_the_workers_base(tokenizer):
+    import pickle
+    from functools import partial
+
+    from ftbook import parallel
+
+    torch.set_num_threads(1)
+    model = models.from_config(models.tiny_config("llama", vocab_size=len(tokenizer), n_layer=1, d_model=32), seed=0)
+    state = parallel.worker_state()
+    state.clear()
+    state.update(base=model.eval(), tokenizer=tokenizer, template=I.ChatTemplate(tokenizer))
+    tests = {"held-out": sample_examples("min", 4, seed=0, split="test")}
+    pairs = I.tuning_pairs(["max"], 32, seed=0, style="answer")
+    kwargs = dict(steps=20, lr=1e-2, batch_size=8, seq_len=40, seed=0)
+    job = partial(I.tune_and_score, pairs, tests, style="answer", tune_kwargs=kwargs, show=["sort 3 1 ."])
+    pickle.dumps(job)                                           # what a worker process receives
+    before = [p.detach().clone() for p in model.parameters()]
+    first, again = job(), job()
+    assert first["held-out"]["accuracy"] == again["held-out"]["accuracy"]          # seeded: deterministic
+    assert first["held-out"]["outputs"] == again["held-out"]["outputs"] and len(first["shown"]) == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))      # the base is never tuned
+    untuned = I.tune_and_score(None, tests, style="answer", tune_kwargs=kwargs)
+    assert untuned["held-out"]["format"] == 0.0 and "shown" not in untuned
+    state.clear()
+
+
 # --- knobs -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides,parameter", [
     (dict(held_out_families="min,lenght"), "held_out_families"),
@@ -150,6 +236,9 @@ def test_tuning_teaches_a_tiny_model_the_format(tokenizer):
     (dict(lima_noise=1.0), "lima_noise"),
     (dict(model="gpt2"), "model"),
     (dict(steps=0), "steps"),
+    (dict(family_orders=0), "family_orders"),
+    (dict(family_orders=12), "family_orders"),
+    (dict(workers=0), "workers"),
 ])
 def test_bad_knobs_raise_one_config_error_naming_the_parameter(overrides, parameter):
     with pytest.raises(C.ConfigError) as err:
@@ -161,3 +250,4 @@ def test_profiles_resolve_and_gpu_points_at_the_hub():
     cpu, smoke, gpu = (C.make("05", profile=p) for p in ("cpu", "smoke", "gpu"))
     assert cpu.model == smoke.model == "zoo:base" and gpu.model.startswith("hf:")
     assert smoke.steps < cpu.steps and gpu.instructions.startswith("hf:")
+    assert cpu.workers == 2 and smoke.workers == gpu.workers == 1   # cuda and forked workers do not mix
