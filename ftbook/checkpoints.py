@@ -205,47 +205,20 @@ def finetune(model, tokenizer, examples: Sequence[Example], *, steps: int, lr: f
 
 
 # --- the frozen model as a feature extractor ------------------------------------------------------------------
-@torch.no_grad()
 def last_token_features(model, tokenizer, texts: Sequence[str], batch_size: int = 128) -> torch.Tensor:
-    """The last layer's hidden state at each text's last token (right padding, so the position varies)."""
-    device = next(model.parameters()).device
-    model.eval()
-    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    pad = tokenizer.pad_token_id
-    out = []
-    for start in range(0, len(ids), batch_size):
-        chunk = ids[start:start + batch_size]
-        batch, mask = pad_right(chunk, pad)
-        hidden = model(input_ids=batch.to(device), attention_mask=mask.to(device),
-                       output_hidden_states=True).hidden_states[-1].float()
-        last = mask.sum(1) - 1
-        out.append(hidden[torch.arange(len(chunk)), last.to(device)].cpu())
-    return torch.cat(out)
+    """The last layer's hidden state at each text's last token (:func:`ftbook.evaluate.last_token_states`)."""
+    from .evaluate import last_token_states
+
+    return last_token_states(model, tokenizer, texts, batch_size=batch_size)
 
 
 def linear_probe(train_x: torch.Tensor, train_y: Sequence[int], test_x: torch.Tensor, test_y: Sequence[int], *,
                  n_classes: int, l2: float = 1e-3, max_iter: int = 200) -> float:
-    """Test accuracy of a multinomial logistic regression on frozen features (standardised with the training
-    statistics; L2 penalty ``l2``; full-batch L-BFGS from zero, so the result is deterministic)."""
-    train_x, test_x = train_x.double(), test_x.double()
-    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
-    xa, xb = (train_x - mean) / std, (test_x - mean) / std
-    ya = torch.as_tensor(list(train_y), dtype=torch.long)
-    yb = torch.as_tensor(list(test_y), dtype=torch.long)
-    weight = torch.zeros(xa.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, line_search_fn="strong_wolfe",
-                                  tolerance_grad=1e-9, tolerance_change=1e-12)
+    """Test accuracy of a multinomial logistic regression on frozen features
+    (:class:`ftbook.evaluate.LinearProbe`: standardised, L2 penalty ``l2``, deterministic L-BFGS from zero)."""
+    from .evaluate import LinearProbe
 
-    def closure():
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(xa @ weight + bias, ya) + l2 * (weight ** 2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    with torch.no_grad():
-        return float(((xb @ weight + bias).argmax(1) == yb).double().mean())
+    return LinearProbe(n_classes, l2=l2, max_iter=max_iter).fit(train_x, list(train_y)).accuracy(test_x, list(test_y))
 
 
 def probe_accuracy(model, tokenizer, train: Sequence[Example], test: Sequence[Example], *,

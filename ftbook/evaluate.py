@@ -106,6 +106,70 @@ def continuation_logprobs(model, tokenizer, prompts: Sequence[str], continuation
     return out
 
 
+# --- frozen features and the linear probe on them (chapters 6 and 8) -----------------------------------------
+@torch.no_grad()
+def last_token_states(model, tokenizer, prompts: Sequence[str], *, layer: int = -1,
+                      batch_size: int = 128) -> torch.Tensor:
+    """Hidden state at each prompt's last token after block ``layer`` (``hidden_states[layer]``; 0 = embeddings,
+    -1 = the last block, after the final norm). Right padding, so the last token is found by the mask."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    pad = tokenizer.pad_token_id
+    rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    out = []
+    try:
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            ids, mask = pad_right(chunk, pad)
+            hidden = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           output_hidden_states=True).hidden_states[layer]
+            last = mask.sum(1) - 1
+            out.append(hidden[torch.arange(len(chunk)), last.to(device)].float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+class LinearProbe:
+    """Multinomial logistic regression on standardised features (full-batch L-BFGS, L2 penalty).
+
+    Deterministic: zero init, no sampling. ``fit(x, y)`` then ``accuracy(x, y)`` / ``predict(x)``.
+    """
+
+    def __init__(self, n_classes: int, *, l2: float = 1e-3, max_iter: int = 200):
+        if n_classes < 2:
+            raise ValueError(f"n_classes must be at least 2, got {n_classes}")
+        self.n_classes, self.l2, self.max_iter = n_classes, l2, max_iter
+
+    def fit(self, features: torch.Tensor, labels) -> "LinearProbe":
+        x = torch.as_tensor(features, dtype=torch.float64)
+        y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        self.mean, self.scale = x.mean(0), x.std(0).clamp_min(1e-8)
+        x = (x - self.mean) / self.scale
+        self.weight = torch.zeros(x.shape[1], self.n_classes, dtype=torch.float64, requires_grad=True)
+        self.bias = torch.zeros(self.n_classes, dtype=torch.float64, requires_grad=True)
+        optimizer = torch.optim.LBFGS([self.weight, self.bias], max_iter=self.max_iter, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss = torch.nn.functional.cross_entropy(x @ self.weight + self.bias, y) + \
+                self.l2 * (self.weight ** 2).sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+        return self
+
+    @torch.no_grad()
+    def predict(self, features: torch.Tensor) -> np.ndarray:
+        x = (torch.as_tensor(features, dtype=torch.float64) - self.mean) / self.scale
+        return (x @ self.weight + self.bias).argmax(1).numpy()
+
+    def accuracy(self, features: torch.Tensor, labels) -> float:
+        return float(np.mean(self.predict(features) == np.asarray(labels)))
+
+
 def fact_probe(model, tokenizer, facts: Sequence[D.Fact], *, language: int = 1) -> dict:
     """Rank every value of the attribute after the fact's cloze prompt; accuracy = top-1 is right.
 
