@@ -19,7 +19,6 @@ language``): the base read both languages in pre-training; a fine-tune in the fi
 from __future__ import annotations
 
 import random
-import sys
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
@@ -28,6 +27,7 @@ import torch
 
 from . import data as D
 from . import merge as M
+from .records import peak_rss_mib  # noqa: F401 (the chapter reads it from here)
 
 ANSWER_CUE = "answer :"   # every prompt ends with it: the answer is the next word
 TASK_NAMES = ("facts", "parity", "max", "length")
@@ -286,14 +286,6 @@ def negation_scaling(work, tokenizer, model_state: Mapping, tau: Mapping, grid: 
             chosen = lam
         del state
     return chosen
-
-
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far, in MiB (``resource.getrusage``; Linux reports KiB)."""
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1024 if sys.platform != "darwin" else peak / 2 ** 20
 
 
 def load_base(spec: str, seed: int, *, profile: str):

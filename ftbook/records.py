@@ -97,10 +97,15 @@ def hardware() -> dict[str, Any]:
     return info
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (Linux reports KiB, macOS bytes)."""
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, in MiB (``getrusage``: Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024, 1)
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def peak_rss_mb() -> float:
+    """:func:`peak_rss_mib`, rounded for a run record."""
+    return round(peak_rss_mib(), 1)
 
 
 def _jsonable(value: Any) -> Any:
