@@ -391,6 +391,61 @@ def grid_cell(load, family: str, *, train_examples: int, test_examples: int, few
                                **finetune)
 
 
+# --- a real-text task: movie-review sentiment ------------------------------------------------------------------
+REVIEW_INSTRUCTION = "is this review positive or negative ? {text}"
+REVIEW_ANSWERS = ["negative", "positive"]
+
+
+def review_examples(split: str, n: int, *, seed: int, neutral: float = 1.0) -> list[tuple[str, str]]:
+    """``n`` (snippet, "positive"/"negative") pairs of real movie reviews (vaderSentiment's human-rated Rotten
+    Tomatoes snippets, prepared by :mod:`ftbook.corpora`): the sign of the mean rating on [-4, 4], snippets rated
+    within ``neutral`` of 0 dropped; lower-cased like the book's corpus."""
+    from . import corpora
+
+    rows = corpora.rows("movie_reviews", split)
+    pairs = [(" ".join(text.lower().split()), REVIEW_ANSWERS[int(rating > 0)])
+             for text, rating in zip(rows["text"], rows["rating"]) if abs(rating) >= neutral]
+    random.Random(f"ch08-reviews-{split}-{seed}").shuffle(pairs)
+    return pairs[:n]
+
+
+def review_instruction(text: str, tokenizer, seq_len: int) -> str:
+    """The instruction for one snippet, cut (whole words from the end) so that the chat prompt and a 2-token
+    answer fit in ``seq_len`` tokens."""
+    words = text.split()
+    while words:
+        instruction = REVIEW_INSTRUCTION.format(text=" ".join(words))
+        if len(tokenizer(D.chat_prompt(instruction), add_special_tokens=False)["input_ids"]) <= seq_len - 3:
+            return instruction
+        words = words[:-1]
+    raise ValueError(f"seq_len={seq_len} leaves no room for a review after the instruction")
+
+
+def review_cell(load, *, train: Sequence[tuple[str, str]], test: Sequence[tuple[str, str]], steps: int, lr: float,
+                batch_size: int, seq_len: int, seed: int, probe_l2: float = 1e-3, device: str = "cpu") -> dict:
+    """One checkpoint on real-text sentiment: before fine-tuning (the chat instruction, ranking the two answers),
+    a linear probe of its frozen features, and after a short fine-tune (loss on the answer only)."""
+    from .evaluate import LinearProbe, last_token_states
+    from .train import TrainConfig, train as run_training
+
+    model, tokenizer = load()
+    train_instructions = [review_instruction(text, tokenizer, seq_len) for text, _ in train]
+    test_prompts = [D.chat_prompt(review_instruction(text, tokenizer, seq_len)) for text, _ in test]
+    answers = [answer for _, answer in test]
+    features = last_token_states(model, tokenizer, [D.chat_prompt(i) for i in train_instructions] + test_prompts)
+    probe = LinearProbe(2, l2=probe_l2).fit(features[:len(train)], [REVIEW_ANSWERS.index(a) for _, a in train])
+    tuned = copy.deepcopy(model)
+    rows = D.encode_instructions(list(zip(train_instructions, [a for _, a in train])), tokenizer, seq_len)
+    run_training(tuned, rows, TrainConfig(steps=steps, lr=lr, batch_size=batch_size, warmup_steps=max(1, steps // 10),
+                                          schedule="cosine", weight_decay=0.0, seed=seed, device=device,
+                                          progress=False, desc="fine-tune (reviews)"))
+    tuned.eval()
+    return {"zero_shot": ranked_accuracy(model, tokenizer, test_prompts, answers, REVIEW_ANSWERS),
+            "probe": probe.accuracy(features[len(train):], [REVIEW_ANSWERS.index(a) for a in answers]),
+            "fine_tuned": ranked_accuracy(tuned, tokenizer, test_prompts, answers, REVIEW_ANSWERS),
+            "majority": max(answers.count(a) for a in REVIEW_ANSWERS) / len(answers)}
+
+
 def weights_digest(model) -> str:
     """A short fingerprint of a model's weights: two checkpoints with the same digest are the same model
     (used to skip a checkpoint folder that merely repeats the previous one)."""

@@ -64,6 +64,8 @@ register(ChapterSpec(
         probe_facts=128,              # stated facts asked before and after fine-tuning (knowledge the tuning never touches)
         # the data-limited fine-tunes behind the latent-improvement claim: too few examples to learn a task alone
         few_shot_examples=32, few_shot_draws=2, few_shot_steps=40,
+        # a real-text task: movie-review sentiment (human-rated snippets), every checkpoint before/after/probed
+        review_train=256, review_test=200, review_steps=40, review_seq_len=64,
         workers=2,                    # processes for the checkpoint x task grid (2 single-thread ones on 2 cores)
         # Isik et al.: small pre-training runs on a varying amount of task-aligned vs misaligned text
         scaling_runs=False,           # off at cpu: runs that fit the budget learn the tasks on neither corpus
@@ -76,12 +78,14 @@ register(ChapterSpec(
     diffs={
         "smoke": dict(tasks="first,count", train_examples=48, test_examples=8, finetune_steps=4, probe_facts=16,
                       few_shot_examples=8, few_shot_draws=1, few_shot_steps=2, workers=1,
+                      review_train=16, review_test=16, review_steps=2,
                       scaling_snapshots="2,4,8", scaling_tasks="max", scaling_width=32, scaling_layers=1,
                       scaling_docs=300, scaling_runs=True),
         "gpu": dict(model="hf:EleutherAI/pythia-160m",
                     revisions="step1000,step3000,step13000,step33000,step73000,step143000",
                     train_examples=2048, test_examples=256, finetune_steps=200, finetune_lr=2e-5, finetune_batch=32,
                     seq_len=48, probe_facts=256, few_shot_examples=64, few_shot_steps=60, workers=1,
+                    review_train=2000, review_test=500, review_steps=200, review_seq_len=128,
                     scaling_snapshots="100,200,400,800,1600,3200",
                     scaling_width=256, scaling_layers=4, scaling_docs=200000, scaling_lr=1e-3,
                     scaling_runs=True),
@@ -91,5 +95,6 @@ register(ChapterSpec(
                 "train_examples": at_least(8), "test_examples": at_least(4), "finetune_steps": at_least(1),
                 "finetune_batch": at_least(1), "probe_facts": at_least(4), "scaling_docs": at_least(100),
                 "few_shot_examples": at_least(1), "few_shot_draws": at_least(1), "few_shot_steps": at_least(1),
-                "workers": at_least(1)},
+                "workers": at_least(1), "review_train": at_least(4), "review_test": at_least(4),
+                "review_steps": at_least(1), "review_seq_len": at_least(24)},
 ))

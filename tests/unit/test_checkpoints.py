@@ -231,3 +231,20 @@ def test_latent_improvement_counts_only_tasks_the_checkpoint_still_cannot_do():
     mean, pairs = K.latent_improvement(grid, flat=0.3)
     assert pairs["flat"].sum() == 3 and mean == pytest.approx((0.40 + 0.70 - 0.10) / 3)
     assert np.isnan(K.latent_improvement(grid, flat=-1.0)[0])
+
+
+def test_review_cell_scores_real_text_before_and_after_fine_tuning(tokenizer, tiny):
+    train = K.review_examples("train", 24, seed=0)
+    test = K.review_examples("test", 12, seed=0)
+    assert {a for _, a in train + test} <= set(K.REVIEW_ANSWERS) and len(train) == 24
+    assert not {t for t, _ in train} & {t for t, _ in test}  # different reviews
+    for text, _ in train[:5]:  # long snippets are cut so that the prompt and the answer fit
+        prompt = D.chat_prompt(K.review_instruction(text, tokenizer, 64))
+        assert len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= 61
+    with pytest.raises(ValueError, match="seq_len"):
+        K.review_instruction(train[0][0], tokenizer, 8)
+    knobs = dict(train=train, test=test, steps=3, lr=3e-3, batch_size=8, seq_len=64, seed=0)
+    cell = K.review_cell(lambda: (tiny, tokenizer), **knobs)
+    assert all(0.0 <= cell[k] <= 1.0 for k in ("zero_shot", "probe", "fine_tuned", "majority"))
+    assert cell["majority"] >= 0.5
+    assert K.review_cell(lambda: (tiny, tokenizer), **knobs) == cell
