@@ -378,7 +378,7 @@ def save_adapter(model, folder) -> Path:
 
 def load_adapter(base_model, folder):
     """Put a saved adapter back on a fresh copy of its base model (the inverse of :func:`save_adapter`)."""
-    from safetensors.torch import load_file
+    from .train import load_trainable
 
     folder = Path(folder)
     mc = MethodConfig(**{k: tuple(v) if isinstance(v, list) else v
@@ -392,14 +392,7 @@ def load_adapter(base_model, folder):
         out.ftbook_method = mc
         return out
     model = apply(base_model, mc)
-    weights = load_file(str(folder / ADAPTER_WEIGHTS))
-    params = dict(model.named_parameters())
-    unknown = [n for n in weights if n not in params]
-    if unknown:
-        raise ValueError(f"adapter {folder} does not fit this model (unknown tensors: {unknown[:3]})")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
+    load_trainable(model, folder / ADAPTER_WEIGHTS, what="adapter")
     return model
 
 

@@ -365,20 +365,28 @@ def _read_state(path: Path) -> dict:
     return json.loads((Path(path) / "trainer_state.json").read_text())
 
 
+def load_trainable(model, file: Path, *, what: str = "checkpoint") -> None:
+    """Copy the tensors of a safetensors ``file`` into ``model``'s parameters of the same names, in place
+    (a checkpoint's or an adapter's trainable weights); a tensor the model lacks is an error naming ``what``."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(file))
+    params = dict(model.named_parameters())
+    unknown = [n for n in weights if n not in params]
+    if unknown:
+        raise ValueError(f"{what} {Path(file).parent} does not match the model (unknown tensors: {unknown[:3]})")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+
+
 def load_checkpoint(path: Path, model, optimizer) -> tuple[int, list[dict]]:
     """Load weights and optimizer state in place; returns (step, history)."""
     from safetensors.torch import load_file
 
     path = Path(path)
     state = _read_state(path)
-    weights = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    missing = [n for n in weights if n not in params]
-    if missing:
-        raise ValueError(f"checkpoint {path} does not match the model (unknown tensors: {missing[:3]})")
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
+    load_trainable(model, path / "trainable.safetensors")
     optimizer.load_state_dict(_optimizer_from_safetensors(load_file(str(path / "optimizer.safetensors")),
                                                           state["optimizer"]))
     return state["step"], state["history"]
