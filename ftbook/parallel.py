@@ -21,6 +21,9 @@ def _start_worker(initializer: Callable | None, initargs: tuple) -> None:
     torch.set_num_threads(1)
     _STATE.clear()
     os.environ["FTBOOK_PROGRESS"] = "0"  # a worker's bars would go to the kernel's terminal, not the notebook
+    from .env import quiet_libraries
+
+    quiet_libraries()  # nor transformers' "Loading weights" bar on every model a job loads (it lands in the book)
     if initializer is not None:
         initializer(*initargs)
 
