@@ -749,14 +749,9 @@ def sentiment_data(split: str, n: int, *, neutral: float, seed: int) -> tuple[li
     """Movie-review snippets with their human rating turned into a label: 1 if the mean rating (of >= 20
     raters, on [-4, 4]) is positive, 0 if negative; snippets rated within ``neutral`` of 0 are dropped.
     The text is prepared from the pinned vaderSentiment source archive by ``ftbook.corpora``."""
-    import random
-
     from . import corpora
 
-    rows = corpora.rows("movie_reviews", split)
-    pairs = [(t, int(r > 0)) for t, r in zip(rows["text"], rows["rating"]) if abs(r) >= neutral]
-    random.Random(f"sentiment-{split}-{seed}").shuffle(pairs)
-    pairs = pairs[:n]
+    pairs = corpora.rated_snippets("movie_reviews", split, neutral=neutral, shuffle=f"sentiment-{split}-{seed}")[:n]
     return [t for t, _ in pairs], [y for _, y in pairs]
 
 

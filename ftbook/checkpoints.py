@@ -189,14 +189,24 @@ def wording_gap(by_wording: dict[int, float], tuned: Sequence[int] = TUNED_PHRAS
 def finetune(model, tokenizer, examples: Sequence[Example], *, steps: int, lr: float, batch_size: int = 16,
              seq_len: int = 40, seed: int = 0, phrasings: Sequence[int] = TUNED_PHRASINGS,
              device: str = "cpu", progress: bool = False, desc: str = "fine-tune"):
-    """A fine-tuned *copy* of ``model``: instruction pairs in the chat format, loss on the answer tokens only.
+    """A fine-tuned *copy* of ``model`` on task examples, each asked in one of ``phrasings``
+    (:func:`finetune_pairs`)."""
+    return finetune_pairs(model, tokenizer, instruction_rows(examples, phrasings, seed=seed), steps=steps, lr=lr,
+                          batch_size=batch_size, seq_len=seq_len, seed=seed, device=device, progress=progress,
+                          desc=desc)
+
+
+def finetune_pairs(model, tokenizer, pairs: Sequence[tuple[str, str]], *, steps: int, lr: float,
+                   batch_size: int = 16, seq_len: int = 40, seed: int = 0, device: str = "cpu",
+                   progress: bool = False, desc: str = "fine-tune"):
+    """A fine-tuned *copy* of ``model``: (instruction, answer) pairs in the chat format, loss on the answer only.
 
     Warm-up over the first tenth, cosine decay; the same data order for every checkpoint (seeded), so that
     checkpoints differ only in their weights."""
     from .train import TrainConfig, train
 
     tuned = copy.deepcopy(model)
-    rows = D.encode_instructions(instruction_rows(examples, phrasings, seed=seed), tokenizer, seq_len)
+    rows = D.encode_instructions(pairs, tokenizer, seq_len)
     config = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, warmup_steps=max(1, steps // 10),
                          schedule="cosine", weight_decay=0.0, seed=seed, device=device, progress=progress, desc=desc)
     train(tuned, rows, config)
@@ -402,11 +412,8 @@ def review_examples(split: str, n: int, *, seed: int, neutral: float = 1.0) -> l
     within ``neutral`` of 0 dropped; lower-cased like the book's corpus."""
     from . import corpora
 
-    rows = corpora.rows("movie_reviews", split)
-    pairs = [(" ".join(text.lower().split()), REVIEW_ANSWERS[int(rating > 0)])
-             for text, rating in zip(rows["text"], rows["rating"]) if abs(rating) >= neutral]
-    random.Random(f"ch08-reviews-{split}-{seed}").shuffle(pairs)
-    return pairs[:n]
+    pairs = corpora.rated_snippets("movie_reviews", split, neutral=neutral, shuffle=f"ch08-reviews-{split}-{seed}")
+    return [(" ".join(text.lower().split()), REVIEW_ANSWERS[label]) for text, label in pairs[:n]]
 
 
 def review_instruction(text: str, tokenizer, seq_len: int) -> str:
@@ -426,7 +433,6 @@ def review_cell(load, *, train: Sequence[tuple[str, str]], test: Sequence[tuple[
     """One checkpoint on real-text sentiment: before fine-tuning (the chat instruction, ranking the two answers),
     a linear probe of its frozen features, and after a short fine-tune (loss on the answer only)."""
     from .evaluate import LinearProbe, last_token_states
-    from .train import TrainConfig, train as run_training
 
     model, tokenizer = load()
     train_instructions = [review_instruction(text, tokenizer, seq_len) for text, _ in train]
@@ -434,12 +440,9 @@ def review_cell(load, *, train: Sequence[tuple[str, str]], test: Sequence[tuple[
     answers = [answer for _, answer in test]
     features = last_token_states(model, tokenizer, [D.chat_prompt(i) for i in train_instructions] + test_prompts)
     probe = LinearProbe(2, l2=probe_l2).fit(features[:len(train)], [REVIEW_ANSWERS.index(a) for _, a in train])
-    tuned = copy.deepcopy(model)
-    rows = D.encode_instructions(list(zip(train_instructions, [a for _, a in train])), tokenizer, seq_len)
-    run_training(tuned, rows, TrainConfig(steps=steps, lr=lr, batch_size=batch_size, warmup_steps=max(1, steps // 10),
-                                          schedule="cosine", weight_decay=0.0, seed=seed, device=device,
-                                          progress=False, desc="fine-tune (reviews)"))
-    tuned.eval()
+    tuned = finetune_pairs(model, tokenizer, list(zip(train_instructions, [a for _, a in train])), steps=steps,
+                           lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed, device=device,
+                           desc="fine-tune (reviews)")
     return {"zero_shot": ranked_accuracy(model, tokenizer, test_prompts, answers, REVIEW_ANSWERS),
             "probe": probe.accuracy(features[len(train):], [REVIEW_ANSWERS.index(a) for a in answers]),
             "fine_tuned": ranked_accuracy(tuned, tokenizer, test_prompts, answers, REVIEW_ANSWERS),

@@ -39,7 +39,10 @@ def parse_parameters(pairs: list[str]) -> dict:
         if "=" not in pair:
             raise C.ConfigError(pair, "parameters are given as key=value, e.g. -p n_layer=4")
         key, value = pair.split("=", 1)
-        out[key.strip()] = parse_value(value)
+        key = key.strip()
+        if key in ("seed", "profile"):   # the runner names caches and records by these: they have their own flags
+            raise C.ConfigError(key, f"is set with --{key} {value.strip()}, not -p {key}=…")
+        out[key] = parse_value(value)
     return out
 
 

@@ -605,6 +605,18 @@ def rows(name: str, split: str = "train"):
     return datasets.Dataset.from_dict({c: [row[c] for row in selected] for c in columns})
 
 
+def rated_snippets(name: str, split: str, *, neutral: float, shuffle: str) -> list[tuple[str, int]]:
+    """A sentiment corpus as (text, label) pairs: label 1 if the mean human rating (on [-4, 4]) is positive,
+    0 if negative; snippets rated within ``neutral`` of 0 are dropped. Shuffled by the seeded stream named
+    ``shuffle`` (each chapter draws its own)."""
+    import random
+
+    selected = _rows_of_split(name, split)
+    pairs = [(row["text"], int(row["rating"] > 0)) for row in selected if abs(row["rating"]) >= neutral]
+    random.Random(shuffle).shuffle(pairs)
+    return pairs
+
+
 def describe():
     """A table of the corpora: name, what, licence, source, size, how distributed, prepared?"""
     import pandas as pd

@@ -81,29 +81,48 @@ class ChatTemplate:
 
 
 def encode_chat(pairs: Sequence[tuple[str, str]], tokenizer, seq_len: int, *, mask_prompt: bool = True,
-                template: ChatTemplate | None = None):
+                template: ChatTemplate | None = None, pack: bool = False):
     """(instruction, response) pairs as training rows: the template's prompt, the response, the end token.
 
     ``labels`` are -100 on padding and, with ``mask_prompt``, on the prompt — the loss falls on the response
     (and its end token) only. An instruction of ``""`` gives the *response-only* rows of Hewitt et al.: the
     template with an empty user turn. Rows longer than ``seq_len`` raise (a cut response teaches a wrong end).
+
+    ``pack=False`` puts one pair per row and pads it; ``pack=True`` fills each row with as many *whole* pairs
+    as fit, in order, and pads only the rest of the row — fewer rows (and steps) for the same pairs. A packed
+    pair attends to the pairs before it in its row (no block-diagonal mask, as in most packed SFT); each
+    starts with the user token, so the model learns where a conversation begins.
     """
     import datasets
 
     template = template or ChatTemplate(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     end = template.end_token_id()
-    ids_rows, label_rows = [], []
+    ids_rows: list[list[int]] = []
+    label_rows: list[list[int]] = []
     for instruction, response in pairs:
         prompt = tokenizer(template.prompt(instruction), add_special_tokens=False)["input_ids"]
         answer = tokenizer(" " + response, add_special_tokens=False)["input_ids"] + [end]
         if len(prompt) + len(answer) > seq_len:
             raise ValueError(f"pair of {len(prompt) + len(answer)} tokens does not fit seq_len={seq_len}: "
                              f"{instruction!r} -> {response!r}")
-        padding = seq_len - len(prompt) - len(answer)
-        ids_rows.append(prompt + answer + [pad] * padding)
-        label_rows.append(([-100] * len(prompt) if mask_prompt else list(prompt)) + answer + [-100] * padding)
+        ids = prompt + answer
+        labels = ([-100] * len(prompt) if mask_prompt else list(prompt)) + answer
+        if pack and ids_rows and len(ids_rows[-1]) + len(ids) <= seq_len:
+            ids_rows[-1] += ids
+            label_rows[-1] += labels
+        else:
+            ids_rows.append(ids)
+            label_rows.append(labels)
+    ids_rows = [row + [pad] * (seq_len - len(row)) for row in ids_rows]
+    label_rows = [row + [-100] * (seq_len - len(row)) for row in label_rows]
     return datasets.Dataset.from_dict({"input_ids": ids_rows, "labels": label_rows}).with_format("numpy")
+
+
+def padding_share(rows, pad_token_id: int) -> float:
+    """The share of a dataset's token positions that are padding: compute spent on nothing."""
+    ids = np.asarray(rows["input_ids"])
+    return float((ids == pad_token_id).mean())
 
 
 # --- responses and their parser ----------------------------------------------------------------------------
@@ -146,6 +165,11 @@ def response_pattern(family: str, style: str) -> re.Pattern:
     return re.compile("".join(parts))
 
 
+def answer_text(text: str, end: str = D.END) -> str:
+    """What a generated continuation says before its end-of-turn token (all of it if there is none)."""
+    return text.split(end, 1)[0].replace(D.EOS, "").replace(D.PAD, "").strip()
+
+
 @dataclass(frozen=True)
 class Parsed:
     follows_format: bool   # the response is a whole, well-formed response of the family, closed by the end token
@@ -159,7 +183,7 @@ def parse_response(text: str, family: str, style: str, end: str = D.END) -> Pars
     """
     if end not in text:
         return Parsed(False, None)
-    body = text.split(end, 1)[0].replace(D.EOS, "").replace(D.PAD, "").strip()
+    body = answer_text(text, end)
     match = response_pattern(family, style).fullmatch(body)
     return Parsed(True, match.group("answer")) if match else Parsed(False, None)
 
@@ -279,8 +303,7 @@ def answer_sources(examples: Sequence[Example], outputs: Sequence[str], end: str
 
     out: dict[str, dict] = {}
     for family in dict.fromkeys(ex.family for ex in examples):
-        rows = [(ex, o.split(end, 1)[0].replace(D.EOS, "").strip()) for ex, o in zip(examples, outputs)
-                if ex.family == family]
+        rows = [(ex, answer_text(o, end)) for ex, o in zip(examples, outputs) if ex.family == family]
         answers = [a for _, a in rows]
         borrowed = Counter(f for ex, a in rows for f, r in other_readings(ex).items() if a == r)
         top, top_count = borrowed.most_common(1)[0] if borrowed else ("-", 0)
@@ -293,6 +316,49 @@ def answer_sources(examples: Sequence[Example], outputs: Sequence[str], end: str
             "the fixed answer": Counter(answers).most_common(1)[0][0],
         }
     return out
+
+
+# --- the precondition at its cleanest: questions about the world's facts -------------------------------------
+def held_out_attribute_pairs(world: D.World, held_out: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(tuning pairs, test pairs) of the knowledge experiment: every seen fact of the *other* attributes asked
+    in every question wording of pre-training's ``q : … a :`` text, and every seen fact of ``held_out`` —
+    facts the base read and answers in its own format, so tuning has only to unlock them."""
+    from .continual import qa_pairs
+
+    if held_out not in D.ATTRIBUTES:
+        raise ValueError(f"unknown attribute {held_out!r}; the world has {', '.join(D.ATTRIBUTES)}")
+    seen = world.seen_facts()
+    return (qa_pairs([f for f in seen if f.attribute != held_out]),
+            qa_pairs([f for f in seen if f.attribute == held_out]))
+
+
+def knowledge_scores(outputs: Sequence[str], pairs: Sequence[tuple[str, str]], end: str = D.END) -> dict:
+    """How chat answers to fact questions of one attribute fare: right, and answered with a value of *another*
+    attribute (the model answers as the attributes it was tuned on), next to always giving the most common
+    value."""
+    from collections import Counter
+
+    other_values = {v for values in D.ATTRIBUTES.values() for v in values} - {v for _, v in pairs}
+    answers = [answer_text(o, end) for o in outputs]
+    truth = [v for _, v in pairs]
+    return {"correct": float(np.mean([a == v for a, v in zip(answers, truth)])),
+            "another attribute's value": float(np.mean([a in other_values for a in answers])),
+            "most common value": Counter(truth).most_common(1)[0][1] / len(truth)}
+
+
+def qa_answers_correct(continuations: Sequence[str], pairs: Sequence[tuple[str, str]]) -> float:
+    """Share of ``q : … a :`` continuations whose first word is the true value (the base in its own format)."""
+    return float(np.mean([(c.split() or [""])[0] == v for c, (_, v) in zip(continuations, pairs)]))
+
+
+def qa_skill(model, tokenizer, pairs: Sequence[tuple[str, str]], max_new_tokens: int = 4) -> float:
+    """The base's knowledge in its own format: each question asked as pre-training did (``q : … a :``),
+    continued greedily, scored by :func:`qa_answers_correct`."""
+    from .continual import QA_TEMPLATE
+    from .evaluate import generate
+
+    prompts = [QA_TEMPLATE.format(question=q) for q, _ in pairs]
+    return qa_answers_correct(generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens), pairs)
 
 
 def family_order(pool: Sequence[str], seed: int) -> list[str]:
@@ -356,14 +422,15 @@ def fitting(pairs: Sequence[tuple[str, str]], tokenizer, seq_len: int,
 
 
 def tune(model, tokenizer, pairs: Sequence[tuple[str, str]], *, steps: int, lr: float, batch_size: int,
-         seq_len: int, seed: int, mask_prompt: bool = True, device: str = "cpu", precision: str = "fp32",
-         desc: str = "instruction-tune"):
+         seq_len: int, seed: int, mask_prompt: bool = True, pack: bool = False, device: str = "cpu",
+         precision: str = "fp32", desc: str = "instruction-tune"):
     """A tuned copy of ``model`` on ``pairs`` in the chat template (the book's loop via
-    :func:`ftbook.forgetting.finetune`; warm-up over the first tenth, cosine decay)."""
+    :func:`ftbook.forgetting.finetune`; warm-up over the first tenth, cosine decay); ``pack`` packs the pairs
+    into rows (:func:`encode_chat`)."""
     from .forgetting import finetune
     from .train import TensorData
 
-    rows = encode_chat(pairs, tokenizer, seq_len, mask_prompt=mask_prompt)
+    rows = encode_chat(pairs, tokenizer, seq_len, mask_prompt=mask_prompt, pack=pack)
     tuned, _ = finetune(model, TensorData(rows), steps=steps, lr=lr, seed=seed, batch_size=batch_size,
                         warmup_steps=max(1, steps // 10), device=device, precision=precision, desc=desc)
     tuned.eval()
@@ -381,8 +448,8 @@ def load_base_into_worker(model_spec: str, seed: int, profile: str, device: str 
 
 
 def tune_and_score(pairs: Sequence[tuple[str, str]] | None, tests: dict[str, Sequence[Example]], *, style: str,
-                   tune_kwargs: dict, mask_prompt: bool = True, desc: str = "instruction-tune",
-                   show: Sequence[str] = ()) -> dict:
+                   tune_kwargs: dict, mask_prompt: bool = True, pack: bool = False,
+                   desc: str = "instruction-tune", show: Sequence[str] = ()) -> dict:
     """One arm, as a job: tune a copy of the worker's base on ``pairs`` (``None``: the base itself) and
     :func:`score` it on every named test set (outputs kept); ``show`` instructions are answered greedily too."""
     from .evaluate import generate
@@ -390,8 +457,8 @@ def tune_and_score(pairs: Sequence[tuple[str, str]] | None, tests: dict[str, Seq
 
     state = worker_state()
     base, tokenizer, template = state["base"], state["tokenizer"], state["template"]
-    model = base if pairs is None else tune(base, tokenizer, pairs, mask_prompt=mask_prompt, desc=desc,
-                                            **tune_kwargs)
+    model = base if pairs is None else tune(base, tokenizer, pairs, mask_prompt=mask_prompt, pack=pack,
+                                            desc=desc, **tune_kwargs)
     out = {name: score(model, tokenizer, examples, style=style, template=template, keep_outputs=True)
            for name, examples in tests.items()}
     if show:

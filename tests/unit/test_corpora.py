@@ -93,6 +93,17 @@ def test_sentiment_corpora_have_float_ratings_on_the_vader_scale(prepared, name)
     assert all("&amp;" not in t for t in data["text"]), "HTML escapes are undone"
 
 
+def test_rated_snippets_label_by_rating_sign_drop_the_neutral_and_shuffle_by_stream(prepared):
+    data = corpora.rows("movie_reviews", "test")
+    rating = dict(zip(data["text"], data["rating"]))
+    pairs = corpora.rated_snippets("movie_reviews", "test", neutral=1.0, shuffle="a")
+    assert len(pairs) == sum(abs(r) >= 1.0 for r in data["rating"])
+    assert all(label == int(rating[text] > 0) and abs(rating[text]) >= 1.0 for text, label in pairs)
+    assert corpora.rated_snippets("movie_reviews", "test", neutral=1.0, shuffle="a") == pairs   # seeded
+    assert sorted(corpora.rated_snippets("movie_reviews", "test", neutral=1.0, shuffle="b")) == sorted(pairs)
+    assert corpora.rated_snippets("movie_reviews", "test", neutral=1.0, shuffle="b") != pairs
+
+
 def test_chatterbot_rows_are_question_answer_topic(prepared):
     data = corpora.rows("chatterbot", "train")
     assert {"question", "answer", "topic", "text"} <= set(data.column_names)

@@ -42,6 +42,29 @@ def test_a_pair_longer_than_the_row_raises_instead_of_being_cut(tokenizer):
         I.encode_chat([("sort 3 1 4 1 5 9 2 6 .", "1 1 2 3 4 5 6 9")], tokenizer, seq_len=8)
 
 
+def test_packing_fills_rows_with_whole_pairs_and_keeps_every_labelled_token(tokenizer):
+    pairs = [("sort 3 1 .", "1 3"), ("is 4 even or odd ?", "even"), ("add 2 and 5 .", "7"),
+             ("what is the largest of 3 9 4 ?", "9"), ("reverse 1 2 .", "2 1")]
+    padded = I.encode_chat(pairs, tokenizer, seq_len=64)
+    packed = I.encode_chat(pairs, tokenizer, seq_len=64, pack=True)
+    pad, user = tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids(D.USER)
+    assert len(padded) == len(pairs) and 1 < len(packed) < len(pairs)
+    assert I.padding_share(packed, pad) < I.padding_share(padded, pad)
+    # the same pairs in the same order, none cut: the real tokens of the padded rows, concatenated
+    real = lambda rows, key: [int(t) for r in rows for t, i in zip(r[key], r["input_ids"]) if i != pad]
+    assert real(packed, "input_ids") == real(padded, "input_ids")
+    assert real(packed, "labels") == real(padded, "labels")
+    assert sum(int((r["input_ids"] == user).sum()) for r in packed) == len(pairs)
+    for r in packed:   # each row starts a conversation: no pair is split across rows
+        assert r["input_ids"][0] == user
+
+
+def test_padding_share_counts_pad_positions(tokenizer):
+    rows = I.encode_chat([("sort 3 1 .", "1 3")], tokenizer, seq_len=32)
+    n_real = int((rows[0]["input_ids"] != tokenizer.pad_token_id).sum())
+    assert I.padding_share(rows, tokenizer.pad_token_id) == pytest.approx(1 - n_real / 32)
+
+
 def test_a_hub_style_tokenizer_is_rendered_through_its_chat_template(tokenizer):
     from transformers import PreTrainedTokenizerFast
 
@@ -251,3 +274,26 @@ def test_profiles_resolve_and_gpu_points_at_the_hub():
     assert cpu.model == smoke.model == "zoo:base" and gpu.model.startswith("hf:")
     assert smoke.steps < cpu.steps and gpu.instructions.startswith("hf:")
     assert cpu.workers == 2 and smoke.workers == gpu.workers == 1   # cuda and forked workers do not mix
+
+
+# --- the knowledge experiment ------------------------------------------------------------------------------
+def test_held_out_attribute_pairs_tune_on_the_others_and_test_its_seen_facts():
+    world = D.World(seed=3, n_entities=12)
+    tuning, test = I.held_out_attribute_pairs(world, "pet")
+    pets, seen_pets = set(D.ATTRIBUTES["pet"]), [f for f in world.seen_facts() if f.attribute == "pet"]
+    assert tuning and not any(v in pets for _, v in tuning)
+    assert len(test) == len(seen_pets) * len(D.QUESTIONS["pet"])            # every wording of every seen fact
+    unseen = {(f.entity, f.value) for f in world.unseen_facts() if f.attribute == "pet"}
+    assert not any((q.split()[-2], v) in unseen for q, v in test if q.startswith("what pet"))
+    with pytest.raises(ValueError, match="unknown attribute 'size'"):
+        I.held_out_attribute_pairs(world, "size")
+
+
+def test_knowledge_scores_tell_right_answers_from_another_attributes_values():
+    pairs = [("what pet does ka have ?", "cat"), ("what pet does lo have ?", "dog"), ("what pet does mi have ?", "cat")]
+    outputs = [f" cat {D.END}", f" paris {D.END} ...", " cat and more"]   # right, a city, never closed (still "cat and more")
+    scores = I.knowledge_scores(outputs, pairs)
+    assert scores["correct"] == pytest.approx(1 / 3)
+    assert scores["another attribute's value"] == pytest.approx(1 / 3)
+    assert scores["most common value"] == pytest.approx(2 / 3)
+    assert I.qa_answers_correct([" cat .", "cat", " dog ."], pairs) == pytest.approx(1 / 3)

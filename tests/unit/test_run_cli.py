@@ -22,6 +22,8 @@ def test_every_command_has_help(command):
     (["run", "01", "-p", "lr=-0.1"], "'lr': must be a positive number"),
     (["run", "99"], "unknown chapter"),
     (["run", "01", "-p", "n_layer"], "key=value"),
+    (["run", "01", "-p", "seed=1"], "set with --seed 1"),      # not silently run as seed 1 but filed as seed 0
+    (["run", "01", "-p", "profile=smoke"], "set with --profile smoke"),   # not silently dropped
 ])
 def test_bad_input_is_one_clear_line_and_no_work(args, words, tmp_home):
     done = subprocess.run(FTBOOK + args, capture_output=True, text=True)
