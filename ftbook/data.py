@@ -355,26 +355,43 @@ def chat_prompt(instruction: str) -> str:
 
 
 def encode_instructions(pairs: Sequence[tuple[str, str]], tokenizer, seq_len: int, *,
-                        mask_prompt: bool = True, template: Callable[[str], str] = chat_prompt):
-    """Encode (instruction, response) pairs, one per row, padded to ``seq_len``.
+                        mask_prompt: bool = True, template: Callable[[str], str] = chat_prompt,
+                        end: str | None = END, pack: bool = False, too_long: str = "cut"):
+    """Encode (instruction, response) pairs as training rows: ``template(instruction)``, the response, ``end``
+    (``None``: no end token — pairs in a form pre-training used, with tokens the base already has).
 
     ``labels`` are -100 on padding and — with ``mask_prompt`` — on the prompt, so the loss falls on the
     response only (what instruction tuning usually does; chapter 5 compares both).
+
+    ``pack=False`` puts one pair per row and pads it; ``pack=True`` fills each row with as many *whole* pairs
+    as fit, in order, and pads only the rest — fewer rows for the same pairs (a packed pair attends to the
+    pairs before it in its row, as in most packed fine-tuning). A pair longer than ``seq_len`` is cut
+    (``too_long="cut"``) or raises (``"raise"``: a cut response teaches a wrong end).
     """
     import datasets
 
-    pad = tokenizer.convert_tokens_to_ids(PAD)
-    end = tokenizer.convert_tokens_to_ids(END)
-    rows_ids, rows_labels = [], []
+    if too_long not in ("cut", "raise"):
+        raise ValueError(f"too_long must be 'cut' or 'raise', got {too_long!r}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    closing = [] if end is None else tokenizer(end, add_special_tokens=False)["input_ids"][:1]
+    rows_ids: list[list[int]] = []
+    rows_labels: list[list[int]] = []
     for instruction, response in pairs:
         prompt = tokenizer(template(instruction), add_special_tokens=False)["input_ids"]
-        answer = tokenizer(" " + response, add_special_tokens=False)["input_ids"] + [end]
+        answer = tokenizer(" " + response, add_special_tokens=False)["input_ids"] + closing
+        if len(prompt) + len(answer) > seq_len and too_long == "raise":
+            raise ValueError(f"pair of {len(prompt) + len(answer)} tokens does not fit seq_len={seq_len}: "
+                             f"{instruction!r} -> {response!r}")
         ids = (prompt + answer)[:seq_len]
-        labels = ([-100] * len(prompt) if mask_prompt else list(prompt)) + answer
-        labels = labels[:seq_len]
-        padding = seq_len - len(ids)
-        rows_ids.append(ids + [pad] * padding)
-        rows_labels.append(labels + [-100] * padding)
+        labels = (([-100] * len(prompt) if mask_prompt else list(prompt)) + answer)[:seq_len]
+        if pack and rows_ids and len(rows_ids[-1]) + len(ids) <= seq_len:
+            rows_ids[-1] += ids
+            rows_labels[-1] += labels
+        else:
+            rows_ids.append(ids)
+            rows_labels.append(labels)
+    rows_ids = [row + [pad] * (seq_len - len(row)) for row in rows_ids]
+    rows_labels = [row + [-100] * (seq_len - len(row)) for row in rows_labels]
     return datasets.Dataset.from_dict({"input_ids": rows_ids, "labels": rows_labels}).with_format("numpy")
 
 

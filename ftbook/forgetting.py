@@ -155,27 +155,13 @@ def with_lora(model, rank: int, *, alpha: float | None = None, targets: Sequence
 
 # --- encoding pairs ----------------------------------------------------------------------------------
 def encode_pairs(prompts: Sequence[str], answers: Sequence[str], tokenizer, seq_len: int):
-    """Rows of ``prompt + " " + answer``, padded to ``seq_len``; labels only on the answer tokens.
-
-    Unlike ``data.encode_instructions`` there is no chat template and no special end token: the pairs are in a
-    form pre-training used (prose, ``q : ... a : ...``), with tokens the base model already has.
-    (Should move to ``ftbook.data`` as an option of ``encode_instructions``.)
-    """
-    import datasets
-
+    """Rows of ``prompt + " " + answer``, padded to ``seq_len``; labels only on the answer tokens
+    (:func:`ftbook.data.encode_instructions` with no template and no end token: the pairs are in a form
+    pre-training used — prose, ``q : ... a : ...`` — with tokens the base model already has). Too long raises."""
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-    pad = tokenizer.pad_token_id
-    ids_rows, label_rows = [], []
-    for prompt, answer in zip(prompts, answers):
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        a = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
-        if len(p) + len(a) > seq_len:
-            raise ValueError(f"pair of {len(p) + len(a)} tokens does not fit seq_len={seq_len}: {prompt!r}")
-        pad_n = seq_len - len(p) - len(a)
-        ids_rows.append(p + a + [pad] * pad_n)
-        label_rows.append([-100] * len(p) + a + [-100] * pad_n)
-    return datasets.Dataset.from_dict({"input_ids": ids_rows, "labels": label_rows}).with_format("numpy")
+    return D.encode_instructions(list(zip(prompts, answers)), tokenizer, seq_len, template=lambda prompt: prompt,
+                                 end=None, too_long="raise")
 
 
 # --- procedural capabilities in prose ----------------------------------------------------------------

@@ -82,41 +82,18 @@ class ChatTemplate:
 
 def encode_chat(pairs: Sequence[tuple[str, str]], tokenizer, seq_len: int, *, mask_prompt: bool = True,
                 template: ChatTemplate | None = None, pack: bool = False):
-    """(instruction, response) pairs as training rows: the template's prompt, the response, the end token.
+    """(instruction, response) pairs as training rows in ``template``: the prompt, the response, the end token
+    (:func:`ftbook.data.encode_instructions`).
 
     ``labels`` are -100 on padding and, with ``mask_prompt``, on the prompt — the loss falls on the response
     (and its end token) only. An instruction of ``""`` gives the *response-only* rows of Hewitt et al.: the
     template with an empty user turn. Rows longer than ``seq_len`` raise (a cut response teaches a wrong end).
-
-    ``pack=False`` puts one pair per row and pads it; ``pack=True`` fills each row with as many *whole* pairs
-    as fit, in order, and pads only the rest of the row — fewer rows (and steps) for the same pairs. A packed
-    pair attends to the pairs before it in its row (no block-diagonal mask, as in most packed SFT); each
-    starts with the user token, so the model learns where a conversation begins.
+    ``pack=True`` fills each row with as many whole pairs as fit (packing); each starts with the user token, so
+    the model still sees where a conversation begins.
     """
-    import datasets
-
     template = template or ChatTemplate(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    end = template.end_token_id()
-    ids_rows: list[list[int]] = []
-    label_rows: list[list[int]] = []
-    for instruction, response in pairs:
-        prompt = tokenizer(template.prompt(instruction), add_special_tokens=False)["input_ids"]
-        answer = tokenizer(" " + response, add_special_tokens=False)["input_ids"] + [end]
-        if len(prompt) + len(answer) > seq_len:
-            raise ValueError(f"pair of {len(prompt) + len(answer)} tokens does not fit seq_len={seq_len}: "
-                             f"{instruction!r} -> {response!r}")
-        ids = prompt + answer
-        labels = ([-100] * len(prompt) if mask_prompt else list(prompt)) + answer
-        if pack and ids_rows and len(ids_rows[-1]) + len(ids) <= seq_len:
-            ids_rows[-1] += ids
-            label_rows[-1] += labels
-        else:
-            ids_rows.append(ids)
-            label_rows.append(labels)
-    ids_rows = [row + [pad] * (seq_len - len(row)) for row in ids_rows]
-    label_rows = [row + [-100] * (seq_len - len(row)) for row in label_rows]
-    return datasets.Dataset.from_dict({"input_ids": ids_rows, "labels": label_rows}).with_format("numpy")
+    return D.encode_instructions(pairs, tokenizer, seq_len, mask_prompt=mask_prompt, template=template.prompt,
+                                 end=template.end, pack=pack, too_long="raise")
 
 
 def padding_share(rows, pad_token_id: int) -> float:
@@ -330,6 +307,19 @@ def held_out_attribute_pairs(world: D.World, held_out: str) -> tuple[list[tuple[
     seen = world.seen_facts()
     return (qa_pairs([f for f in seen if f.attribute != held_out]),
             qa_pairs([f for f in seen if f.attribute == held_out]))
+
+
+def fact_instance_split(world: D.World, seed: int) -> dict[str, list[tuple[str, str]]]:
+    """The superficial-alignment split (LIMA): question pairs of a seeded half of the seen facts (``tune``), of
+    the other half (``read, not tuned``: pre-training stated them, tuning never asked them) and of the facts
+    pre-training never stated (``never read``), every fact in every question wording."""
+    from .continual import qa_pairs
+
+    seen = list(world.seen_facts())
+    random.Random(f"fact-instances-{seed}").shuffle(seen)
+    half = len(seen) // 2
+    return {"tune": qa_pairs(seen[:half]), "read, not tuned": qa_pairs(seen[half:]),
+            "never read": qa_pairs(world.unseen_facts())}
 
 
 def knowledge_scores(outputs: Sequence[str], pairs: Sequence[tuple[str, str]], end: str = D.END) -> dict:

@@ -297,3 +297,15 @@ def test_knowledge_scores_tell_right_answers_from_another_attributes_values():
     assert scores["another attribute's value"] == pytest.approx(1 / 3)
     assert scores["most common value"] == pytest.approx(2 / 3)
     assert I.qa_answers_correct([" cat .", "cat", " dog ."], pairs) == pytest.approx(1 / 3)
+
+
+def test_fact_instance_split_halves_the_seen_facts_and_keeps_the_unseen_apart():
+    world = D.World(seed=3, n_entities=12)
+    split = I.fact_instance_split(world, seed=0)
+    asked = lambda pairs: {(q, v) for q, v in pairs}
+    assert not asked(split["tune"]) & asked(split["read, not tuned"])
+    seen = sum(len(D.QUESTIONS[f.attribute]) for f in world.seen_facts())
+    assert len(split["tune"]) + len(split["read, not tuned"]) == seen
+    assert abs(len(split["tune"]) - len(split["read, not tuned"])) <= 2
+    assert len(split["never read"]) == sum(len(D.QUESTIONS[f.attribute]) for f in world.unseen_facts())
+    assert split == I.fact_instance_split(world, seed=0) and split != I.fact_instance_split(world, seed=1)
