@@ -28,6 +28,28 @@ def test_chapter_runs_end_to_end_at_smoke(chapter):
     assert result.path.exists() and not _errors(result.path)
 
 
+def test_instruction_tuning_runs_on_a_hub_style_local_model(tmp_path):
+    """Chapter 5's `gpu` path, offline: a `path:` model whose tokenizer has a chat_template and none of the book's
+    chat tokens, as a hub model has, at smoke. The template is the tokenizer's own; the knowledge experiments,
+    which need the book's world, say so and step aside."""
+    from transformers import PreTrainedTokenizerFast
+
+    from ftbook import data as D, models
+
+    model, tokenizer = models.load("zoo:base", seed=0, profile="smoke")
+    hub = PreTrainedTokenizerFast(tokenizer_object=tokenizer.backend_tokenizer, eos_token=D.EOS, pad_token=D.PAD)
+    hub.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|endoftext|>{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    model.save_pretrained(tmp_path / "hub-style")
+    hub.save_pretrained(tmp_path / "hub-style")
+    result = run.execute("05_instruction_tuning", profile="smoke", seed=0,
+                         parameters={"model": f"path:{tmp_path / 'hub-style'}"}, use_cache=False)
+    assert not _errors(result.path)
+    text = result.path.read_text()
+    assert "[<|endoftext|>]" in text            # the loss falls on the hub template's end of turn
+    assert "experiments need a book base" in text
+
+
 def test_papermill_command_line_runs_a_chapter_with_parameters(tmp_path):
     """The README's example: plain papermill, other seed, a chapter knob."""
     out = tmp_path / "out.ipynb"
