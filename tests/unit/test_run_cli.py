@@ -16,6 +16,12 @@ def test_every_command_has_help(command):
     assert done.returncode == 0 and "usage: ftbook" in done.stdout
 
 
+def test_bench_help_lists_the_benchmarks_own_options():
+    # `ftbook bench --help` once printed only "rest: arguments for python -m ftbook.bench"
+    done = subprocess.run(FTBOOK + ["bench", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "--steps" in done.stdout and "--only" in done.stdout
+
+
 @pytest.mark.parametrize("args, words", [
     (["run", "01", "-p", "n_layr=4"], "did you mean 'n_layer'"),
     (["run", "01", "--profile", "cpux"], "did you mean 'cpu'"),
