@@ -108,6 +108,45 @@ def peak_rss_mb() -> float:
     return round(peak_rss_mib(), 1)
 
 
+def _descendants(pid: int) -> list[int]:
+    """Live descendant process ids of ``pid`` (Linux ``/proc``; empty elsewhere)."""
+    parent_of = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # the command name may hold spaces and parentheses: the fields after its last ")" are safe
+            parent_of[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # the process ended while we read
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parent_of.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def live_workers_peak_rss_mib() -> float:
+    """The largest peak resident memory among this process's live descendant processes, in MiB (Linux)."""
+    peak = 0.0
+    for pid in _descendants(os.getpid()):
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):   # the process's high-water mark of resident memory, in kB
+                    peak = max(peak, int(line.split()[1]) / 1024)
+        except (OSError, ValueError):
+            continue
+    return peak
+
+
+def workers_peak_rss_mib() -> float:
+    """The largest peak resident memory among this process's worker processes, in MiB (0 without workers).
+
+    A chapter's :class:`ftbook.parallel.Pool` workers train in processes of their own, so the run's own
+    :func:`peak_rss_mib` leaves them out: ended workers come from ``getrusage``, live ones from ``/proc``."""
+    ended = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(ended / (1024 * 1024) if sys.platform == "darwin" else ended / 1024, live_workers_peak_rss_mib())
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -145,6 +184,7 @@ def write_record(*, chapter: str, profile: str, seed: int, parameters: dict, met
         "finished_at": now,
         "wall_time_s": round(now - started_at, 2) if started_at else None,
         "peak_rss_mb": peak_rss_mb(),
+        "workers_peak_rss_mb": round(workers_peak_rss_mib(), 1),
     }
     directory = Path(directory or records_dir())
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int((now % 1) * 1e6):06d}"

@@ -32,6 +32,7 @@ def runs_table(directory: Path | None = None) -> pd.DataFrame:
              "claims held": sum(c.get("holds") is True for c in r.get("claims", [])),
              "claims failed": sum(c.get("holds") is False for c in r.get("claims", [])),
              "wall time (s)": r.get("wall_time_s"), "peak RSS (MB)": r.get("peak_rss_mb"),
+             "largest worker's peak RSS (MB)": r.get("workers_peak_rss_mb"),
              "git": r.get("git_sha"),
              "finished": time.strftime("%Y-%m-%d %H:%M", time.gmtime(r.get("finished_at") or 0))}
             for r in records.latest_records(directory)]
