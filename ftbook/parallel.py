@@ -45,7 +45,7 @@ class Pool:
     def __init__(self, workers: int = 1, *, initializer: Callable | None = None, initargs: tuple = ()):
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
-        self.workers, self._executor = workers, None
+        self.workers, self._executor, self._submitted = workers, None, []
         if workers > 1:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
@@ -59,7 +59,9 @@ class Pool:
         """Start ``job`` (a worker takes it when free; jobs start in the order submitted); returns a
         ``concurrent.futures.Future`` — ``.result()`` waits for it and re-raises the job's error."""
         if self._executor is not None:
-            return self._executor.submit(job)
+            future = self._executor.submit(job)
+            self._submitted.append(future)
+            return future
         from concurrent.futures import Future
 
         future: Future = Future()
@@ -104,8 +106,14 @@ class Pool:
     def close(self) -> None:
         """Stop the workers (after the jobs already submitted) and forget the initializer's state."""
         if self._executor is not None:
+            from concurrent.futures import wait
+
+            from .records import remember_workers_peak_rss
+
+            wait(self._submitted)           # the workers' memory is read when their jobs are done, before they exit
+            remember_workers_peak_rss()
             self._executor.shutdown(wait=True, cancel_futures=False)
-            self._executor = None
+            self._executor, self._submitted = None, []
         _STATE.clear()
 
     def __enter__(self) -> "Pool":

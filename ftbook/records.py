@@ -138,13 +138,22 @@ def live_workers_peak_rss_mib() -> float:
     return peak
 
 
+_ENDED_WORKERS_PEAK_MIB = 0.0
+
+
+def remember_workers_peak_rss() -> None:
+    """Keep the live workers' peak memory before they exit (:meth:`ftbook.parallel.Pool.close` calls it)."""
+    global _ENDED_WORKERS_PEAK_MIB
+    _ENDED_WORKERS_PEAK_MIB = max(_ENDED_WORKERS_PEAK_MIB, live_workers_peak_rss_mib())
+
+
 def workers_peak_rss_mib() -> float:
     """The largest peak resident memory among this process's worker processes, in MiB (0 without workers).
 
     A chapter's :class:`ftbook.parallel.Pool` workers train in processes of their own, so the run's own
-    :func:`peak_rss_mib` leaves them out: ended workers come from ``getrusage``, live ones from ``/proc``."""
-    ended = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(ended / (1024 * 1024) if sys.platform == "darwin" else ended / 1024, live_workers_peak_rss_mib())
+    :func:`peak_rss_mib` leaves them out. ``getrusage(RUSAGE_CHILDREN)`` is no help: a forked child (a ``git``
+    call) starts with its parent's resident pages and so reports the parent's size."""
+    return max(_ENDED_WORKERS_PEAK_MIB, live_workers_peak_rss_mib())
 
 
 def _jsonable(value: Any) -> Any:
