@@ -10,7 +10,8 @@ every change that keeps the maths (same weights, same loss to float precision):
 - ``foreach-adamw`` / ``fused-adamw``: the optimizer's multi-tensor and fused kernels;
 - ``compiled``: ``torch.compile(model)`` (inductor; the first 10 steps, which compile, are not timed);
 - ``hand-fused``: the same Llama written by hand with fewer, larger kernels: q, k and v in one matmul,
-  gate and up in one matmul, ``F.rms_norm``, rotary and SDPA.
+  gate and up in one matmul, ``F.rms_norm``, rotary and SDPA;
+- ``all-together``: the hand-fused model, compiled, with the fused AdamW.
 
 Run: ``python benchmarks/model_level.py [--steps 40] [--rounds 2]``. Prints steady tokens per CPU-second
 (1 thread) per arm and its ratio to ``hf``. Results are in benchmarks/README.md.
@@ -50,7 +51,8 @@ class HandFusedLlama(torch.nn.Module):
             block.out = copy(attn.o_proj.weight)
             block.gate_up = copy(mlp.gate_proj.weight, mlp.up_proj.weight)
             block.down = copy(mlp.down_proj.weight)
-            block.norm_attn, block.norm_mlp = copy(layer.input_layernorm.weight), copy(layer.post_attention_layernorm.weight)
+            block.norm_attn = copy(layer.input_layernorm.weight)
+            block.norm_mlp = copy(layer.post_attention_layernorm.weight)
             self.layers.append(block)
         theta = cfg.rope_parameters["rope_theta"] if getattr(cfg, "rope_parameters", None) else cfg.rope_theta
         inv_freq = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim))
@@ -82,14 +84,15 @@ def make_arm(name: str, setup: BenchSetup, vocab_size: int):
     if name == "hf-eager-attention":
         model.config._attn_implementation = "eager"
     hf_loss = lambda m: (lambda batch: m(input_ids=batch, labels=batch).loss)  # noqa: E731
-    if name == "hand-fused":
+    if name in ("hand-fused", "all-together"):
         model = HandFusedLlama(model)
-        loss_of = model
+        loss_of = torch.compile(model) if name == "all-together" else model
     elif name == "compiled":
         loss_of = hf_loss(torch.compile(model))
     else:
         loss_of = hf_loss(model)
-    kernel = {"foreach-adamw": {"foreach": True}, "fused-adamw": {"fused": True}}.get(name, {})
+    kernel = {"foreach-adamw": {"foreach": True}, "fused-adamw": {"fused": True},
+              "all-together": {"fused": True}}.get(name, {})
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=setup.lr, betas=(0.9, 0.95), weight_decay=0.1, **kernel)
     return loss_of, params, optimizer
@@ -113,7 +116,7 @@ def time_arm(name: str, setup: BenchSetup, ids: torch.Tensor, vocab_size: int, s
             "last_loss": float(loss.detach())}
 
 
-ARMS = ("hf", "hf-eager-attention", "foreach-adamw", "fused-adamw", "compiled", "hand-fused")
+ARMS = ("hf", "hf-eager-attention", "foreach-adamw", "fused-adamw", "compiled", "hand-fused", "all-together")
 
 
 def main(argv=None) -> int:

@@ -363,3 +363,28 @@ def test_bench_smoke(tmp_home):
     # the bare loop trains the same model: its loss is a language model's, not garbage
     assert 0 < result["arms"]["bare/fp32"]["eval_loss"] < 10
     assert "ftbook/trainer" in bench.format_tables(result, None) and "bare loop/trainer" in bench.format_tables(result, None)
+
+
+def test_hand_fused_llama_of_the_model_level_benchmark_is_the_same_model():
+    # benchmarks/model_level.py compares step speeds; the comparison is fair only if every arm computes the
+    # same loss and gradients from the same weights
+    import importlib.util
+    from pathlib import Path
+
+    from ftbook import bench
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "model_level.py"
+    spec = importlib.util.spec_from_file_location("model_level", path)
+    model_level = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model_level)
+    setup = bench.BenchSetup(n_layer=2, d_model=64, vocab_size=300)
+    hf = bench.bench_model(setup, 300)
+    fused = model_level.HandFusedLlama(hf)
+    batch = torch.randint(0, 300, (3, 17), generator=torch.Generator().manual_seed(0))
+    hf_loss, fused_loss = hf(input_ids=batch, labels=batch).loss, fused(batch)
+    assert fused_loss.item() == pytest.approx(hf_loss.item(), abs=1e-5)
+    hf_loss.backward()
+    fused_loss.backward()
+    hf_qkv = torch.cat([getattr(hf.model.layers[1].self_attn, f"{n}_proj").weight.grad for n in "qkv"])
+    assert torch.allclose(fused.layers[1].qkv.grad, hf_qkv, atol=1e-6)
+    assert torch.allclose(fused.embed.grad, hf.model.embed_tokens.weight.grad, atol=1e-6)
