@@ -172,6 +172,31 @@ def pretrain(name: str, seed: int = 0, *, profile: str | None = None, progress: 
     return entry
 
 
+def pretrain_many(requests: dict[str, dict], seed: int = 0, *, profile: str | None = None,
+                  workers: int = 1) -> dict[str, Path]:
+    """:func:`pretrain` several zoo models (``{name: overrides}``) and return ``{name: entry}``.
+
+    With ``workers > 1`` the models not cached yet train side by side in single-thread worker processes
+    (:class:`ftbook.parallel.Pool`), the biggest first; every run is seeded and single-threaded either way,
+    so the cached models are the same bit for bit. Chapter 1's ladder (tiny, small, base: ~40 + 90 + 130 s
+    on one core) takes ~130 s in two workers instead of ~260 s in one."""
+    from functools import partial
+
+    from .parallel import Pool
+
+    missing = {name: overrides for name, overrides in requests.items()
+               if not is_cached(name, seed, profile, **overrides)}
+    if missing:
+        jobs = {name: partial(pretrain, name, seed, profile=profile, progress=workers == 1, **overrides)
+                for name, overrides in missing.items()}
+        # cost ~ steps x weights per token: the biggest model starts first, the small ones fill the other worker
+        cost = {name: (r := recipe(name, profile, **overrides)).steps * r.n_layer * r.d_model ** 2
+                for name, overrides in missing.items()}
+        with Pool(min(workers, len(jobs))) as pool:
+            pool.map(jobs, cost=cost, desc="pre-train zoo models")
+    return {name: pretrain(name, seed, profile=profile, **overrides) for name, overrides in requests.items()}
+
+
 def _pretrain_into(entry: Path, name: str, rec: Recipe, seed: int, progress: bool) -> None:
     from . import models
     from .train import TrainConfig, train

@@ -30,7 +30,9 @@ register(ChapterSpec(
         steps=None,                     # pre-training steps; None = the zoo recipe's (1200)
         lr=None,                        # peak learning rate; None = the zoo recipe's (3e-3)
         probe_facts=256,                # facts asked per probe (seen and unseen each)
+        workers=2,                      # processes: the ladder's models pre-train side by side (if not cached)
     ),
-    diffs={"smoke": dict(size_ladder="tiny,base", probe_facts=32)},
-    validators={"size_ladder": _check_zoo_names},
+    diffs={"smoke": dict(size_ladder="tiny,base", probe_facts=32, workers=1),
+           "gpu": dict(workers=1)},     # one model at a time on the device
+    validators={"size_ladder": _check_zoo_names, "workers": at_least(1)},
 ))

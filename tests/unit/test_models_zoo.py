@@ -101,6 +101,24 @@ def test_zoo_trains_once_deterministically_and_keeps_checkpoints(tmp_home):
         zoo.load("tiny", 0, step="step-7", profile="smoke")
 
 
+def test_models_pretrained_side_by_side_are_the_ones_trained_one_after_another(tmp_home, monkeypatch):
+    # chapter 1 pre-trains its ladder in two worker processes: the cached weights must not depend on it
+    ladder = {"tiny": {}, "small": {"steps": 12}}
+    side_by_side = zoo.pretrain_many(ladder, 0, profile="smoke", workers=2)
+    monkeypatch.setenv("FTBOOK_HOME", str(tmp_home.parent / "one-after-another"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a worker, and in a chapter's kernel
+    try:
+        in_order = zoo.pretrain_many(ladder, 0, profile="smoke", workers=1)
+    finally:
+        torch.set_num_threads(threads)
+    for name in ladder:
+        assert in_order[name] != side_by_side[name]          # two homes, two entries
+        assert (in_order[name] / "final" / "model.safetensors").read_bytes() == \
+            (side_by_side[name] / "final" / "model.safetensors").read_bytes(), name
+    assert zoo.pretrain_many(ladder, 0, profile="smoke", workers=2) == in_order   # cached: nothing trains
+
+
 def test_recipe_overrides_are_a_different_cache_entry():
     assert zoo.recipe("base").key() != zoo.recipe("base", n_layer=4).key()
     assert zoo.recipe("base").key() == zoo.recipe("base", n_layer=2).key()
