@@ -193,7 +193,7 @@ def write_record(*, chapter: str, profile: str, seed: int, parameters: dict, met
         "finished_at": now,
         "wall_time_s": round(now - started_at, 2) if started_at else None,
         "peak_rss_mb": peak_rss_mb(),
-        "workers_peak_rss_mb": round(workers_peak_rss_mib(), 1),
+        "workers_peak_rss_mb": round(workers_peak_rss_mib(), 1) or None,   # None: the run had no workers
     }
     directory = Path(directory or records_dir())
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int((now % 1) * 1e6):06d}"
