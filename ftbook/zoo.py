@@ -178,8 +178,8 @@ def pretrain_many(requests: dict[str, dict], seed: int = 0, *, profile: str | No
 
     With ``workers > 1`` the models not cached yet train side by side in single-thread worker processes
     (:class:`ftbook.parallel.Pool`), the biggest first; every run is seeded and single-threaded either way,
-    so the cached models are the same bit for bit. Chapter 1's ladder (tiny, small, base: ~40 + 90 + 130 s
-    on one core) takes ~130 s in two workers instead of ~260 s in one."""
+    so the cached models are the same bit for bit. Chapter 1's ladder (tiny, small, base: 42 + 86 + 130 s one
+    after another) took 142 s in two workers on a 2-core machine (two runs slow each other: base took 159 s)."""
     from functools import partial
 
     from .parallel import Pool
