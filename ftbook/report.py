@@ -48,7 +48,10 @@ def _md_table(frame: pd.DataFrame) -> str:
         cells = []
         for c in cols:
             v = row[c]
-            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v).replace("|", "\\|"))
+            if v is None or (isinstance(v, float) and v != v):
+                cells.append("—")          # not measured (e.g. no workers), not the string "nan"
+            else:
+                cells.append(f"{v:.4g}" if isinstance(v, float) else str(v).replace("|", "\\|"))
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 

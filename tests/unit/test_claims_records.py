@@ -104,3 +104,4 @@ def test_report_lists_every_claim_of_every_run(tmp_home):
     assert "cpu / seed 0" in md and "cpu / seed 1" in md
     assert "holds" in md and "does NOT hold" in md
     assert "bigger is better" in report.text()
+    assert "| None |" not in md and "| nan |" not in md    # a run without workers shows "—"
