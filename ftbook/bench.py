@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -28,8 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from .records import peak_rss_mib
 
 
 @dataclass(frozen=True)
@@ -64,7 +63,7 @@ def bench_model(setup: BenchSetup, vocab_size: int):
     return from_config(config, seed=setup.seed)
 
 
-# --- memory (peak_rss_mib reads VmHWM on Linux, which _reset_peak_rss resets before each arm) ----------
+# --- memory ------------------------------------------------------------------------------------------
 def _reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS counter of this process (Linux ``clear_refs``); False if unsupported."""
     try:
@@ -72,6 +71,17 @@ def _reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process (since the last reset where supported), in MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # --- the two arms ----------------------------------------------------------------------------------------

@@ -97,25 +97,8 @@ def hardware() -> dict[str, Any]:
     return info
 
 
-def _high_water_mib(pid: int | str = "self") -> float | None:
-    """A process's peak resident memory in MiB from Linux ``/proc/<pid>/status`` (VmHWM); None elsewhere."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):   # in kB
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError):
-        pass
-    return None
-
-
 def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far, in MiB.
-
-    Linux: VmHWM. Not ``getrusage``: its peak survives ``exec``, so a notebook kernel started by an 800 MB
-    pytest process reported 800 MB whatever it used itself. Elsewhere ``getrusage`` (macOS: bytes)."""
-    high_water = _high_water_mib()
-    if high_water is not None:
-        return high_water
+    """Peak resident memory of this process so far, in MiB (``getrusage``: Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
@@ -144,7 +127,15 @@ def _descendants(pid: int) -> list[int]:
 
 def live_workers_peak_rss_mib() -> float:
     """The largest peak resident memory among this process's live descendant processes, in MiB (Linux)."""
-    return max([_high_water_mib(pid) or 0.0 for pid in _descendants(os.getpid())], default=0.0)
+    peak = 0.0
+    for pid in _descendants(os.getpid()):
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):   # the process's high-water mark of resident memory, in kB
+                    peak = max(peak, int(line.split()[1]) / 1024)
+        except (OSError, ValueError):
+            continue
+    return peak
 
 
 _ENDED_WORKERS_PEAK_MIB = 0.0
