@@ -12,9 +12,10 @@ export TOKENIZERS_PARALLELISM ?= false
 help:
 	@echo "make setup  - create $(VENV) from requirements-lock.txt (idempotent) and prepare the corpora"
 	@echo "make book   - execute every chapter at the cpu profile (cached) and render book/_build/html"
-	@echo "make test   - unit tests, chapters at smoke, claims at cpu, the rendered-HTML browser check"
+	@echo "make test   - lint, unit tests, chapters at smoke, claims at cpu, the rendered-HTML browser check"
 	@echo "make smoke  - only the chapters at the smoke profile (seconds each)"
 	@echo "make unit   - only the package's unit tests"
+	@echo "make lint   - ruff (pyflakes, pycodestyle, import order, bugbear; line length 120)"
 
 # The stamp depends on the lock files and pyproject: edit either and `make setup` re-installs; otherwise nothing.
 $(VENV)/.installed: requirements-lock.txt requirements-nodeps.txt pyproject.toml
@@ -34,7 +35,7 @@ data: $(VENV)/.data
 book: setup
 	$(PY) -m ftbook.cli book --jobs $(JOBS)
 
-test: setup
+test: setup lint
 	$(PY) -m pytest
 
 unit: setup
@@ -44,7 +45,7 @@ smoke: setup
 	$(PY) -m pytest tests/chapters -k smoke
 
 lint: setup
-	$(PY) -m compileall -q ftbook tests
+	$(PY) -m ruff check ftbook tests benchmarks
 
 clean:
 	rm -rf book/_build book/chapters book/_toc.yml book/results.md

@@ -57,7 +57,7 @@ def bench_data(setup: BenchSetup = BenchSetup()):
 
 
 def bench_model(setup: BenchSetup, vocab_size: int):
-    from .models import from_config, tiny_config
+    from .modeling import from_config, tiny_config
 
     config = tiny_config("llama", vocab_size=vocab_size, n_layer=setup.n_layer, d_model=setup.d_model)
     return from_config(config, seed=setup.seed)
@@ -189,7 +189,8 @@ def run_bare(setup: BenchSetup, train_ds, eval_ds, vocab_size: int, steps: int, 
         stamps.append(time.process_time())
     timing = clock.stop(steps * setup.batch_size * setup.seq_len)
     return {**timing, "steady_cpu_tokens_per_s": _steady(stamps, setup.batch_size * setup.seq_len, skip),
-            "peak_rss_mib": peak_rss_mib(), "train_loss": float(loss.detach()), "eval_loss": evaluate_loss(model, eval_ds)}
+            "peak_rss_mib": peak_rss_mib(), "train_loss": float(loss.detach()),
+            "eval_loss": evaluate_loss(model, eval_ds)}
 
 
 @contextlib.contextmanager
@@ -239,7 +240,8 @@ def compare_with_trainer(steps: int = 150, threads: int = 1, rounds: int = 3,
                 runs[arm].append(result)
                 if verbose:
                     print(f"  round {r} {arm:13s} {result['tokens_per_s']:7.0f} tok/s wall, "
-                          f"{result['cpu_tokens_per_s']:7.0f} per CPU-s (steady {result['steady_cpu_tokens_per_s']:.0f})",
+                          f"{result['cpu_tokens_per_s']:7.0f} per CPU-s "
+                          f"(steady {result['steady_cpu_tokens_per_s']:.0f})",
                           file=sys.stderr, flush=True)
     summary = {}
     for arm, results in runs.items():
@@ -278,8 +280,9 @@ def _worker(args: argparse.Namespace) -> None:
     history = train(model, train_ds, cfg)
     seconds = time.perf_counter() - began
     if int(os.environ.get("RANK", "0")) == 0:
-        Path(args.out).write_text(json.dumps({"seconds": seconds, "tokens": args.steps * history.attrs["tokens_per_step"],
-                                              "threads": args.threads, "processes": history.attrs["processes"],
+        tokens = args.steps * history.attrs["tokens_per_step"]
+        Path(args.out).write_text(json.dumps({"seconds": seconds, "tokens": tokens, "threads": args.threads,
+                                              "processes": history.attrs["processes"],
                                               "train_loss": float(history["train_loss"].iloc[-1])}))
 
 

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from . import config as C
+from . import specs
 
 
 def parse_value(text: str):
@@ -63,7 +64,7 @@ def _cmd_run(args) -> int:
     from concurrent.futures import ThreadPoolExecutor
 
     for ch, _ in jobs:  # validate every job before running any
-        C.validate_overrides(run.notebook_path(ch).stem, args.profile, params)
+        specs.validate(run.notebook_path(ch).stem, args.profile, params)
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         futures = [pool.submit(run.execute, ch, profile=args.profile, seed=s, parameters=params,
                                output=Path(args.output) if args.output else None,
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ftbook: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # one clear line, not a traceback, for the errors we raise on purpose
-        from .models import ModelSpecError
+        from .modeling import ModelSpecError
         from .run import ChapterFailed
 
         if isinstance(exc, (ChapterFailed, ModelSpecError)):

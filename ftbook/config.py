@@ -1,10 +1,12 @@
-"""Profiles, chapter knobs and parameter validation: the one place for every default.
+"""Profiles, chapter knobs and parameter validation: the machinery every chapter's spec uses.
 
 A chapter's configuration is ``profile defaults`` + ``the chapter's diff for that profile`` + ``the
 user's overrides``. Every override is validated before any work starts; a bad one raises one
-:class:`ConfigError` that names the parameter (with a "did you mean" for typos).
+:class:`ConfigError` that names the parameter (with a "did you mean" for typos). The chapters' knobs are
+:class:`ChapterSpec` objects, one module per chapter in :mod:`ftbook.specs`, which also resolves a chapter by name:
 
->>> cfg = make("01_pretraining", profile="smoke", seed=3, n_layer=1)
+>>> from ftbook import specs
+>>> cfg = specs.make("01_pretraining", profile="smoke", seed=3, n_layer=1)
 >>> cfg.n_layer, cfg.seed, cfg.profile
 (1, 3, 'smoke')
 """
@@ -14,10 +16,17 @@ import difflib
 import hashlib
 import json
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 PROFILES = ("smoke", "cpu", "gpu")
+
+
+def did_you_mean(value, known, *, spell: str = "'{}'") -> str:
+    """`` — did you mean 'x'?`` for the entry of ``known`` closest to a misspelt ``value``, else ``""``."""
+    close = difflib.get_close_matches(str(value), [str(k) for k in known], n=1)
+    return f" — did you mean {spell.format(close[0])}?" if close else ""
 
 
 class ConfigError(ValueError):
@@ -48,6 +57,8 @@ class ChapterSpec:
     choices: dict[str, tuple] = field(default_factory=dict)
     # knobs with a rule of their own: key -> function(value) that raises ValueError with the reason
     validators: dict[str, Callable[[Any], None]] = field(default_factory=dict)
+    # rules between knobs: function(resolved values) that raises ConfigError naming the knob at fault
+    rules: tuple[Callable[[Mapping[str, Any]], None], ...] = ()
 
     def values(self, profile: str) -> dict[str, Any]:
         out = dict(COMMON[profile])
@@ -55,13 +66,53 @@ class ChapterSpec:
         out.update(self.diffs.get(profile, {}))
         return out
 
+    def validate(self, profile: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+        """Check overrides against the knobs; return them cleaned (list knobs as lists). Raises ConfigError."""
+        check_profile(profile)
+        base = self.values(profile)
+        known = set(base) | {"seed", "profile"}
+        clean: dict[str, Any] = {}
+        for key, value in overrides.items():
+            if key not in known:
+                raise ConfigError(key, f"unknown parameter for chapter {self.name}{did_you_mean(key, sorted(known))}")
+            if key == "seed":
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise ConfigError("seed", f"must be a non-negative integer, got {value!r}")
+                clean[key] = value
+                continue
+            if key == "profile":
+                continue
+            if key in self.choices and value is not None and value not in self.choices[key]:
+                raise ConfigError(key, f"{value!r} is not one of {', '.join(map(str, self.choices[key]))}")
+            clean[key] = _check_value(key, value, base.get(key))
+            if key in self.validators and clean[key] is not None:
+                try:
+                    self.validators[key](clean[key])
+                except ValueError as exc:
+                    raise ConfigError(key, str(exc)) from None
+        resolved = {**base, **{k: v for k, v in clean.items() if v is not None}}
+        for rule in self.rules:
+            rule(resolved)
+        return clean
 
-CHAPTERS: dict[str, ChapterSpec] = {}
+    def make(self, profile: str = "cpu", seed: int = 0, **overrides) -> Config:
+        """This chapter's configuration: profile defaults + the profile's diff + validated overrides.
+
+        ``None`` for a knob means "the profile's value", so a notebook's parameters cell may list every
+        knob as ``None`` and papermill overrides only the ones given.
+        """
+        clean = self.validate(profile, {"seed": seed, **overrides})
+        values = self.values(profile)
+        values.update({k: v for k, v in clean.items() if v is not None})
+        values["profile"] = profile
+        values["chapter"] = self.name
+        return Config(values)
 
 
-def register(spec: ChapterSpec) -> ChapterSpec:
-    CHAPTERS[spec.name] = spec
-    return spec
+def check_profile(profile: str) -> None:
+    if profile not in PROFILES:
+        raise ConfigError("profile", f"unknown profile {profile!r}{did_you_mean(profile, PROFILES)} "
+                                     f"(known: {', '.join(PROFILES)})")
 
 
 # --- validation ----------------------------------------------------------------------------------
@@ -75,9 +126,57 @@ VALUE_CHOICES = {
 }
 
 
+def _item(key: str, x: Any, kind: type) -> Any:
+    """One item of a list (or dict) knob as ``kind``: numbers from YAML or the command line's text."""
+    if isinstance(x, bool) and kind is not bool:
+        raise ConfigError(key, f"items must be {kind.__name__} values, got {x!r}")
+    try:
+        if kind is int:
+            number = float(x) if isinstance(x, str) else x
+            if not isinstance(number, (int, float)) or not float(number).is_integer():
+                raise ValueError
+            return int(number)
+        if kind is float:
+            return float(x)
+    except (TypeError, ValueError):
+        raise ConfigError(key, f"items must be {kind.__name__} values, got {x!r}") from None
+    if not isinstance(x, str):
+        raise ConfigError(key, f"items must be strings, got {x!r}")
+    return x
+
+
+def _check_list(key: str, value: Any, default: list) -> list:
+    """A list knob: a list from papermill's YAML (``-p lrs '[1e-3, 3e-3]'``), or ``"1e-3,3e-3"`` from the
+    command line; items take the type of the default's."""
+    kind = type(default[0]) if default else str
+    if isinstance(value, str):
+        value = [x.strip() for x in value.split(",") if x.strip()]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(key, f"must be a list like {default!r}, got {value!r}")
+    return [_item(key, x, kind) for x in value]
+
+
+def _check_dict(key: str, value: Any, default: dict) -> dict:
+    """A name -> value knob: a dict from YAML, or ``"full=1e-3,lora=1e-2"`` from the command line."""
+    kind = type(next(iter(default.values()))) if default else str
+    if isinstance(value, str):
+        try:
+            value = dict((k.strip(), v.strip()) for k, v in (item.split("=") for item in value.split(",")
+                                                             if item.strip()))
+        except ValueError:
+            raise ConfigError(key, f"must look like 'name=value,name=value', got {value!r}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(key, f"must be a mapping like {default!r}, got {value!r}")
+    return {str(k): _item(key, v, kind) for k, v in value.items()}
+
+
 def _check_value(key: str, value: Any, default: Any) -> Any:
     if value is None:
         return None
+    if isinstance(default, list):
+        return _check_list(key, value, default)
+    if isinstance(default, dict):
+        return _check_dict(key, value, default)
     if key in VALUE_CHOICES and value not in VALUE_CHOICES[key]:
         raise ConfigError(key, f"{value!r} is not one of {', '.join(VALUE_CHOICES[key])}")
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -103,22 +202,6 @@ def _check_value(key: str, value: Any, default: Any) -> Any:
     return value
 
 
-def resolve_chapter(name: str) -> ChapterSpec:
-    """Find a chapter by full name (``01_pretraining``) or number prefix (``01``, ``1``)."""
-    if name in CHAPTERS:
-        return CHAPTERS[name]
-    key = str(name).split("/")[-1].removesuffix(".ipynb")
-    if key in CHAPTERS:
-        return CHAPTERS[key]
-    if key.isdigit():
-        hits = [c for c in CHAPTERS if c.split("_")[0] == f"{int(key):02d}"]
-        if len(hits) == 1:
-            return CHAPTERS[hits[0]]
-    close = difflib.get_close_matches(key, CHAPTERS, n=1)
-    hint = f" — did you mean '{close[0]}'?" if close else ""
-    raise ConfigError("chapter", f"unknown chapter {name!r}{hint} (known: {', '.join(CHAPTERS)})")
-
-
 class Config(Mapping):
     """A read-only bag of resolved parameters: ``cfg.lr`` or ``cfg["lr"]``."""
 
@@ -129,12 +212,10 @@ class Config(Mapping):
         try:
             return self._values[key]
         except KeyError:
-            close = difflib.get_close_matches(key, self._values, n=1)
-            hint = f" — did you mean '{close[0]}'?" if close else ""
-            raise AttributeError(f"config has no parameter '{key}'{hint}") from None
+            raise AttributeError(f"config has no parameter '{key}'{did_you_mean(key, self._values)}") from None
 
     def __setattr__(self, key, value):
-        raise AttributeError("Config is read-only; pass overrides to ftbook.config.make()")
+        raise AttributeError("Config is read-only; pass overrides to ftbook.specs.make()")
 
     def __getitem__(self, key):
         return self._values[key]
@@ -152,62 +233,10 @@ class Config(Mapping):
     def to_dict(self) -> dict[str, Any]:
         return dict(self._values)
 
-    def replace(self, **changes) -> "Config":
+    def replace(self, **changes) -> Config:
         out = dict(self._values)
         out.update(changes)
         return Config(out)
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self._values, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def validate_overrides(chapter: str, profile: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """Check overrides against the chapter's knobs; return them cleaned. Raises ConfigError."""
-    if profile not in PROFILES:
-        close = difflib.get_close_matches(str(profile), PROFILES, n=1)
-        hint = f" — did you mean '{close[0]}'?" if close else ""
-        raise ConfigError("profile", f"unknown profile {profile!r}{hint} (known: {', '.join(PROFILES)})")
-    spec = resolve_chapter(chapter)
-    base = spec.values(profile)
-    known = set(base) | {"seed", "profile"}
-    clean: dict[str, Any] = {}
-    for key, value in overrides.items():
-        if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f" — did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(key, f"unknown parameter for chapter {spec.name}{hint}")
-        if key == "seed":
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError("seed", f"must be a non-negative integer, got {value!r}")
-            clean[key] = value
-            continue
-        if key == "profile":
-            continue
-        if key in spec.choices and value is not None and value not in spec.choices[key]:
-            raise ConfigError(key, f"{value!r} is not one of {', '.join(map(str, spec.choices[key]))}")
-        clean[key] = _check_value(key, value, base.get(key))
-        if key in spec.validators and clean[key] is not None:
-            try:
-                spec.validators[key](clean[key])
-            except ValueError as exc:
-                raise ConfigError(key, str(exc)) from None
-    return clean
-
-
-def make(chapter: str, profile: str = "cpu", seed: int = 0, **overrides) -> Config:
-    """Resolve a chapter's configuration: profile defaults + chapter diff + overrides.
-
-    ``None`` for a knob means "the profile's value", so a notebook's parameters cell may list every
-    knob as ``None`` and papermill overrides only the ones given.
-    """
-    clean = validate_overrides(chapter, profile, {"seed": seed, **overrides})
-    spec = resolve_chapter(chapter)
-    values = spec.values(profile)
-    values.update({k: v for k, v in clean.items() if v is not None})
-    values["profile"] = profile
-    values["chapter"] = spec.name
-    return Config(values)
-
-
-# The chapters' knobs live one module per chapter in ftbook/specs; importing it registers them all.
-from . import specs  # noqa: E402,F401

@@ -54,9 +54,10 @@ import tempfile
 import textwrap
 import time
 import zipfile
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from ftbook.records import ftbook_home, sha256_file
 
@@ -129,7 +130,7 @@ class Source:
     manifest_sha256: str = ""
 
     @classmethod
-    def from_manifest(cls, path: Path) -> "Source":
+    def from_manifest(cls, path: Path) -> Source:
         path = Path(path)
         raw = path.read_bytes()
         spec = json.loads(raw.decode("utf-8"))
@@ -542,7 +543,7 @@ def _ensure_prepared(name: str) -> Source:
 
 
 # --- reading ----------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _read_rows(path: str, expected_sha256: str | None) -> tuple[dict[str, Any], ...]:
     """Every row of a prepared or committed corpus file (JSON lines, gzipped or not)."""
     file = Path(path)

@@ -19,9 +19,10 @@ import codecs
 import hashlib
 import json
 import random
+import string
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -61,6 +62,8 @@ QUESTIONS: dict[str, list[str]] = {
 }
 # The cloze prompt used to probe a fact: the first template cut before the value.
 PROBE_TEMPLATES = {a: t[0].split("{v}")[0].rstrip() for a, t in FACT_TEMPLATES.items()}
+# How pre-training's corpus asks a question (never the chat format: instruction tuning teaches that).
+QA_PROMPT = "q : {question} a :"
 
 
 def to_second_language(text: str) -> str:
@@ -244,6 +247,65 @@ TASKS: dict[str, TaskFamily] = {t.name: t for t in [
 ]}
 
 
+# --- task instances: closed answer sets, pre-training's own prompts ------------------------------------
+def answer_candidates(family: str) -> list[str]:
+    """Every answer a task family can give (the ranking's label set); families with open-ended answers
+    (``sort``, ``reverse``) cannot be scored this way and raise."""
+    cands = {
+        "add": range(19), "max": range(10), "min": range(10), "first": range(10), "last": range(10),
+        "length": range(3, 6), "count": range(1, 8), "successor": range(1, 100),
+    }
+    if family == "parity":
+        return ["even", "odd"]
+    if family not in cands:
+        raise ValueError(f"task family {family!r} has no closed answer set; choose from "
+                         f"{', '.join(sorted([*cands, 'parity']))}")
+    return [str(x) for x in cands[family]]
+
+
+def _fields(template: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def native_templates(family: str) -> list[str]:
+    """The family's narrative sentences cut before ``{answer}`` — prompts in pre-training's own wording.
+
+    Only narratives whose every argument precedes the answer qualify (``{x} shows up {answer} times in
+    {xs}`` would ask for the answer before showing the list)."""
+    out = []
+    for narrative in TASKS[family].narratives:
+        head = narrative.split("{answer}")[0]
+        if "{answer}" in narrative and set(_fields(narrative)) - {"answer"} <= set(_fields(head)):
+            out.append(head.rstrip())
+    if not out:
+        raise ValueError(f"task family {family!r} has no narrative that states its answer last")
+    return out
+
+
+@dataclass(frozen=True)
+class Example:
+    """One sampled instance of a task: its arguments (as the family's sampler returns them) and answer."""
+
+    family: str
+    args: dict
+
+    @property
+    def answer(self) -> str:
+        return str(self.args["answer"])
+
+    def instruction(self, phrasing: int) -> str:
+        return TASKS[self.family].instructions[phrasing].format(**self.args)
+
+    def native_prompt(self, template: int) -> str:
+        return native_templates(self.family)[template].format(**self.args)
+
+
+def sample_examples(family: str, n: int, *, seed: int, split: str) -> list[Example]:
+    """``n`` examples of a family; ``split`` ('train' / 'test' / anything) names an independent stream."""
+    rng = random.Random(f"ch08-{family}-{split}-{seed}")  # the stream's name predates its move here: kept, same draws
+    return [Example(family, TASKS[family].sample(rng)) for _ in range(n)]
+
+
 # --- corpora built from the world ----------------------------------------------------------------
 def world_documents(world: World, n_docs: int, *, seed: int, second_language_fraction: float = 0.3,
                     task_fraction: float = 0.4, qa_fraction: float = 0.1,
@@ -286,6 +348,26 @@ def instruction_pairs(family: str, n: int, *, seed: int, phrasings: Sequence[int
     return [task.example(rng, rng.choice(choices)) for _ in range(n)]
 
 
+# --- questions about the world's facts, asked as the corpus asks them --------------------------------
+def qa_pairs(facts: Sequence[Fact], *, language: int = 1, phrasing: int = 0) -> tuple[list[str], list[str]]:
+    """(prompts, answers) asking each fact in :data:`QA_PROMPT`'s ``q : ... a :`` form, in question ``phrasing``;
+    answers end in ``.``; ``language=2`` writes both in the second surface language."""
+    prompts, answers = [], []
+    for f in facts:
+        question = QUESTIONS[f.attribute][phrasing % len(QUESTIONS[f.attribute])].format(e=f.entity)
+        prompt, answer = QA_PROMPT.format(question=question), f"{f.value} ."
+        if language == 2:
+            prompt, answer = to_second_language(prompt), to_second_language(answer)
+        prompts.append(prompt)
+        answers.append(answer)
+    return prompts, answers
+
+
+def question_pairs(facts: Sequence[Fact]) -> list[tuple[str, str]]:
+    """(question, value) for every fact in every question phrasing (the bare question, for a template to wrap)."""
+    return [(q.format(e=f.entity), f.value) for f in facts for q in QUESTIONS[f.attribute]]
+
+
 # --- tokenizer ------------------------------------------------------------------------------------
 def text_digest(texts: Iterable[str]) -> str:
     h = hashlib.sha256()
@@ -302,7 +384,6 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 1024, cache_dir: str
     both tokenize. Returns a ``transformers.PreTrainedTokenizerFast`` with the book's special tokens.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     from .records import atomic_write_text, ftbook_home
 

@@ -4,15 +4,17 @@ from __future__ import annotations
 import os
 import random
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
-from . import config as C
+from . import specs
+from .config import Config, ConfigError
 
 # Names IPython puts in a notebook's namespace that are not chapter parameters.
 _IPYTHON_NAMES = {"In", "Out", "exit", "quit", "get_ipython", "open"}
-_PARAMETER_TYPES = (int, float, str, bool, type(None))
+_PARAMETER_TYPES = (int, float, str, bool, list, dict, type(None))  # lists and dicts: papermill passes YAML
 
 
 def seed_everything(seed: int) -> None:
@@ -28,7 +30,7 @@ def resolve_device(requested: str) -> str:
 
     if requested != "auto":
         if requested == "cuda" and not torch.cuda.is_available():
-            raise C.ConfigError("device", "'cuda' was asked for but no CUDA device is visible")
+            raise ConfigError("device", "'cuda' was asked for but no CUDA device is visible")
         return requested
     if torch.cuda.is_available():
         return "cuda"
@@ -61,7 +63,7 @@ def quiet_libraries() -> None:
 
 
 def setup(chapter: str, namespace: Mapping[str, Any] | None = None, *, quiet: bool = False,
-          **knobs) -> C.Config:
+          **knobs) -> Config:
     """Everything a chapter does first: validate parameters, seed, threads, device, plot look.
 
     ``namespace`` (a notebook's ``globals()``) supplies the parameters; ``knobs`` add to them.
@@ -73,7 +75,7 @@ def setup(chapter: str, namespace: Mapping[str, Any] | None = None, *, quiet: bo
     params = {**notebook_parameters(namespace or {}), **knobs}
     profile = params.pop("profile", "cpu")
     seed = params.pop("seed", 0)
-    cfg = C.make(chapter, profile=profile, seed=seed, **params)
+    cfg = specs.make(chapter, profile=profile, seed=seed, **params)
     device = resolve_device(cfg.device)
     if cfg.threads:
         # One thread per process is fastest for these tiny models on 2 cores (run chapters side by side).

@@ -6,7 +6,7 @@ sampling, no parsing), task accuracy decodes greedily and compares exactly.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -106,7 +106,7 @@ def continuation_logprobs(model, tokenizer, prompts: Sequence[str], continuation
     return out
 
 
-# --- frozen features and the linear probe on them (chapters 6 and 8) -----------------------------------------
+# --- frozen features and the linear probe on them ------------------------------------------------------------
 @torch.no_grad()
 def last_token_states(model, tokenizer, prompts: Sequence[str], *, layer: int = -1,
                       batch_size: int = 128) -> torch.Tensor:
@@ -142,7 +142,7 @@ class LinearProbe:
             raise ValueError(f"n_classes must be at least 2, got {n_classes}")
         self.n_classes, self.l2, self.max_iter = n_classes, l2, max_iter
 
-    def fit(self, features: torch.Tensor, labels) -> "LinearProbe":
+    def fit(self, features: torch.Tensor, labels) -> LinearProbe:
         x = torch.as_tensor(features, dtype=torch.float64)
         y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
         self.mean, self.scale = x.mean(0), x.std(0).clamp_min(1e-8)
@@ -168,6 +168,40 @@ class LinearProbe:
 
     def accuracy(self, features: torch.Tensor, labels) -> float:
         return float(np.mean(self.predict(features) == np.asarray(labels)))
+
+
+def fit_probe(features: torch.Tensor, labels, n_classes: int, *, train_fraction: float = 0.5,
+              l2: float = 1e-3) -> dict:
+    """Fit a :class:`LinearProbe` on the first ``train_fraction`` of the rows, score it on the rest.
+
+    Returns ``accuracy`` (held-out), ``train_accuracy`` and ``majority`` (the held-out share of the most common
+    training label: what a probe that learned nothing scores).
+    """
+    labels = np.asarray(labels)
+    n_train = int(round(train_fraction * len(labels)))
+    if not 0 < n_train < len(labels):
+        raise ValueError(f"train_fraction={train_fraction} leaves no rows to fit or to score ({len(labels)} rows)")
+    probe = LinearProbe(n_classes, l2=l2).fit(features[:n_train], labels[:n_train])
+    majority = np.bincount(labels[:n_train], minlength=n_classes).argmax()
+    return {"accuracy": probe.accuracy(features[n_train:], labels[n_train:]),
+            "train_accuracy": probe.accuracy(features[:n_train], labels[:n_train]),
+            "majority": float(np.mean(labels[n_train:] == majority)), "probe": probe}
+
+
+# --- the world's facts ---------------------------------------------------------------------------------------
+def fact_accuracy(model, tokenizer, facts: Sequence[D.Fact], *, language: int = 1, phrasing: int = 0,
+                  per_fact: bool = False):
+    """Share of facts whose true value the model ranks first among all values of the attribute, asked as
+    ``q : ... a :`` (:func:`ftbook.data.qa_pairs`; no sampling, no parsing; chance = 1 / number of values).
+    ``per_fact`` returns the boolean per fact instead."""
+    if not facts:
+        return np.zeros(0, bool) if per_fact else float("nan")
+    prompts, _ = D.qa_pairs(facts, language=language, phrasing=phrasing)
+    spell = D.to_second_language if language == 2 else (lambda s: s)
+    candidates = [[" " + spell(v) for v in D.ATTRIBUTES[f.attribute]] for f in facts]
+    chosen = rank_candidates(model, tokenizer, prompts, candidates, batch_size=128)
+    right = np.array([D.ATTRIBUTES[f.attribute][k] == f.value for f, k in zip(facts, chosen)])
+    return right if per_fact else float(right.mean())
 
 
 def fact_probe(model, tokenizer, facts: Sequence[D.Fact], *, language: int = 1) -> dict:
@@ -222,25 +256,3 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 12,
 
 def exact_match(predictions: Sequence[str], answers: Sequence[str]) -> float:
     return float(np.mean([p.strip() == str(a).strip() for p, a in zip(predictions, answers)]))
-
-
-def power_law_fit(steps: Sequence[float], losses: Sequence[float]) -> dict:
-    """Fit ``loss = a * step^(-alpha) + c`` by least squares; return a, alpha, c and R^2.
-
-    The irreducible term ``c`` is searched on a grid below the smallest loss; for each ``c`` the
-    remaining fit is linear in log-log space.
-    """
-    x = np.log(np.asarray(steps, dtype=float))
-    y = np.asarray(losses, dtype=float)
-    best = None
-    for c in np.linspace(0.0, y.min() * 0.999, 200):
-        ly = np.log(y - c)
-        slope, intercept = np.polyfit(x, ly, 1)
-        pred = np.exp(intercept) * np.exp(x) ** slope + c
-        ss_res = float(((y - pred) ** 2).sum())
-        if best is None or ss_res < best[0]:
-            best = (ss_res, float(np.exp(intercept)), float(-slope), float(c), pred)
-    ss_res, a, alpha, c, pred = best
-    ss_tot = float(((y - y.mean()) ** 2).sum())
-    return {"a": a, "alpha": alpha, "c": c, "r2": 1 - ss_res / ss_tot if ss_tot > 0 else float("nan"),
-            "predicted": pred}

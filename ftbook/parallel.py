@@ -10,7 +10,8 @@ forked workers do not mix, and one big model per device is the point).
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 _STATE: dict = {}
 
@@ -116,7 +117,7 @@ class Pool:
             self._executor, self._submitted = None, []
         _STATE.clear()
 
-    def __enter__(self) -> "Pool":
+    def __enter__(self) -> Pool:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -6,7 +6,7 @@ plotly.js embedded (what the rendered book shows, offline).
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 # One palette for the whole book: a method keeps its colour from chapter to chapter.
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",

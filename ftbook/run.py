@@ -14,12 +14,14 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
-from . import config as C
+from . import specs
+from .config import ConfigError
 from .records import atomic_write_text, ftbook_home
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -48,10 +50,10 @@ def notebook_path(chapter: str) -> Path:
     as_path = Path(chapter)
     if as_path.suffix == ".ipynb" and as_path.exists():
         return as_path
-    spec = C.resolve_chapter(chapter)
+    spec = specs.resolve(chapter)
     path = chapters_dir() / f"{spec.name}.ipynb"
     if not path.exists():
-        raise C.ConfigError("chapter", f"chapter {spec.name} is configured but {path} does not exist")
+        raise ConfigError("chapter", f"chapter {spec.name} is configured but {path} does not exist")
     return path
 
 
@@ -130,7 +132,7 @@ def execute(chapter: str, *, profile: str = "cpu", seed: int = 0, parameters: Ma
     os.environ.setdefault("FTBOOK_PROGRESS", "0")
     path = notebook_path(chapter)
     name = path.stem
-    clean = C.validate_overrides(name, profile, dict(parameters or {}))  # raises before any work
+    clean = specs.validate(name, profile, dict(parameters or {}))  # raises before any work
     params = {"profile": profile, "seed": seed, **clean}
     key = cache_key(path, params)
     cached = cache_dir() / f"{name}__{profile}__seed{seed}__{key}.ipynb"
@@ -175,7 +177,7 @@ def execute_many(chapters: Iterable[str], *, jobs: int = 1, **kwargs) -> list[Ex
     """
     chapters = list(chapters)
     for chapter in chapters:  # validate everything before executing anything
-        C.validate_overrides(notebook_path(chapter).stem, kwargs.get("profile", "cpu"),
+        specs.validate(notebook_path(chapter).stem, kwargs.get("profile", "cpu"),
                              dict(kwargs.get("parameters") or {}))
     results: list[Execution | BaseException] = []
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:

@@ -28,11 +28,12 @@ import functools
 import json
 import math
 import numbers
+import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -237,7 +238,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # A T4 "supports" bf16 by emulation (slow); only native bf16 counts, else fp16 with loss scaling.
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return "fp32"
 
 
@@ -441,6 +443,141 @@ def _seed_step(seed: int, step: int, device: torch.device) -> None:
         torch.cuda.manual_seed(value)
 
 
+@dataclass
+class _Run:
+    """The state one call of :func:`train` carries from step to step."""
+
+    cfg: TrainConfig
+    data: TensorData
+    eval_sets: dict
+    core: torch.nn.Module                 # the model itself
+    model: torch.nn.Module                # what the loop calls: ``core``, or its DDP wrapper under several processes
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    scaler: object | None                 # a GradScaler when training in fp16
+    world: int = 1                        # processes (accelerate / torchrun)
+    rank: int = 0
+    accelerator: object | None = None     # only under several processes
+    start_step: int = 0                   # the step a resumed run continues from
+    history: list = field(default_factory=list)
+    pending: list = field(default_factory=lambda: [0.0, 0])  # summed step losses and steps since the last row
+    elapsed: float = 0.0                  # seconds spent before a resume
+    began: float = field(default_factory=time.perf_counter)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, *values: float) -> list[float]:
+        """Sum numbers over the processes (no-op for one)."""
+        if self.world == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
+
+def _processes(device_type: str):
+    """(device, world, rank, accelerator). One process uses a plain device: accelerate's state is a process-wide
+    singleton fixed by its first use, so a notebook that trained on a GPU could not then train on the CPU (or the
+    other way round, silently). Several processes (``accelerate launch`` / ``torchrun``) get an Accelerator."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=device_type == "cpu")
+        return accelerator.device, accelerator.num_processes, accelerator.process_index, accelerator
+    if device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device()), 1, 0, None
+    return torch.device(device_type), 1, 0, None
+
+
+def _start(model, data, cfg: TrainConfig, eval_data, param_groups) -> _Run:
+    """Place the model, build the optimizer, resume from the latest checkpoint of ``cfg.checkpoint_dir``."""
+    device_type = cfg.device if cfg.device != "auto" else _auto_device()
+    device, world, rank, accelerator = _processes(device_type)
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ValueError(f"batch_size {cfg.batch_size} must split evenly over {world} processes x "
+                         f"{cfg.grad_accum} micro-batches")
+    # Precision is set here, per call, not by accelerate (whose mixed precision is fixed for the process's life).
+    precision = resolve_precision(cfg.precision, device)
+    core = model.to(device)
+    run = _Run(cfg=cfg, data=TensorData(data), eval_sets={k: TensorData(v) for k, v in (eval_data or {}).items()},
+               core=core, model=core, optimizer=_make_optimizer(core, cfg, param_groups), device=device,
+               autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision),
+               scaler=torch.amp.GradScaler(device.type) if precision == "fp16" else None,
+               world=world, rank=rank, accelerator=accelerator)
+    if cfg.checkpoint_dir and cfg.resume and (found := latest_checkpoint(Path(cfg.checkpoint_dir))) is not None:
+        state = _read_state(found)
+        theirs, ours = state.get("run", {}), cfg.run_fields()
+        differ = [f"{k}={theirs.get(k)!r} there, {ours[k]!r} here" for k in ours if theirs.get(k) != ours[k]]
+        if differ:
+            raise ValueError(f"checkpoint {found} was written by a different run ({'; '.join(differ)}); "
+                             f"use another checkpoint_dir or resume=False")
+        run.start_step, run.history = load_checkpoint(found, core, run.optimizer)
+        run.pending, run.elapsed = state.get("pending", run.pending), state.get("seconds", 0.0)
+    if accelerator is not None:
+        run.model = accelerator.prepare(core)
+    return run
+
+
+def _optimizer_step(run: _Run, step: int, loss_fn: Callable | None) -> float:
+    """One optimizer step on the global batch of ``step``; returns its mean loss (summed over processes)."""
+    cfg, data = run.cfg, run.data
+    lr = cfg.lr_at(step)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    rows = batch_indices(len(data), cfg.batch_size, step, cfg.seed)
+    n_targets = max(1, data.target_count(rows))
+    mine = rows[run.rank::run.world]  # this process's share of the global batch
+    micro = cfg.batch_size // (run.world * cfg.grad_accum)
+    step_loss = torch.zeros((), device=run.device)
+    for k in range(cfg.grad_accum):
+        part = mine[k * micro:(k + 1) * micro]
+        batch = data.batch(part, run.device)
+        # Gradients are all-reduced once per step, after the last micro-batch.
+        sync = run.world == 1 or k == cfg.grad_accum - 1
+        with contextlib.nullcontext() if sync else run.model.no_sync():
+            with _autocast(run.device, run.autocast_dtype, training=True):
+                if loss_fn is None:  # this share of the global batch's token mean
+                    targets = data.targets[torch.as_tensor(part)].to(run.device)
+                    loss = _loss_sum(run.model, batch, targets) / n_targets
+                else:
+                    loss = loss_fn(run.model, batch) / (cfg.grad_accum * run.world)
+            scaled = loss * run.world  # DDP averages gradients over processes: undo it
+            (scaled if run.scaler is None else run.scaler.scale(scaled)).backward()
+        step_loss += loss.detach()
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)
+    if cfg.clip_norm:
+        torch.nn.utils.clip_grad_norm_([p for p in run.core.parameters() if p.requires_grad], cfg.clip_norm)
+    if run.scaler is not None:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    (total,) = run.all_sum(step_loss.item())
+    return total
+
+
+def _log(run: _Run, step: int, evaluate: bool) -> None:
+    """Append a history row: the mean train loss since the last row, and the eval losses if ``evaluate``."""
+    mean = run.pending[0] / run.pending[1] if run.pending[1] else None
+    row = {"step": step, "tokens": step * run.cfg.batch_size * run.data.seq_len, "lr": run.cfg.lr_at(max(0, step - 1)),
+           "train_loss": mean, "seconds": run.elapsed + time.perf_counter() - run.began}
+    if evaluate and run.eval_sets:
+        run.core.eval()
+        for name, ds in run.eval_sets.items():
+            total, count = run.all_sum(*_eval_sums(run.core, ds, batch_size=32, max_batches=run.cfg.eval_batches,
+                                                   device=run.device, autocast_dtype=run.autocast_dtype,
+                                                   rank=run.rank, world=run.world))
+            row[f"eval/{name}"] = total / max(1, count)
+        run.core.train()
+    run.history.append(row)
+    run.pending[:] = [0.0, 0]
+
+
 def train(model, data, cfg: TrainConfig, *, eval_data: Mapping[str, object] | None = None,
           on_step: Callable[[int, object], None] | None = None,
           loss_fn: Callable | None = None, param_groups: Callable | None = None) -> pd.DataFrame:
@@ -451,135 +588,48 @@ def train(model, data, cfg: TrainConfig, *, eval_data: Mapping[str, object] | No
     ``loss_fn(model, batch) -> loss`` replaces the default causal-LM loss; it gets the model as the
     loop runs it (DDP-wrapped under several processes: call it, don't read its attributes) and should
     return the mean loss of its batch. ``param_groups(model)`` replaces the default optimizer groups
-    (see ``_make_optimizer``: per-group ``lr_scale`` and ``weight_decay``). Returns the history: one row per log / eval step with ``step``,
-    ``tokens``, ``lr``, ``train_loss`` (mean over the steps since the previous row), ``seconds`` and
-    ``eval/<name>``.
+    (see ``_make_optimizer``: per-group ``lr_scale`` and ``weight_decay``). Returns the history: one row per
+    log / eval step with ``step``, ``tokens``, ``lr``, ``train_loss`` (mean over the steps since the previous
+    row), ``seconds`` and ``eval/<name>``.
     """
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    data = TensorData(data)
-    eval_sets = {k: TensorData(v) for k, v in (eval_data or {}).items()}
-    device_type = cfg.device if cfg.device != "auto" else _auto_device()
-    precision = resolve_precision(cfg.precision, torch.device(device_type))
-    # accelerate gives processes, device and DDP. Precision stays here: an Accelerator's mixed precision is
-    # fixed for the life of the Python process, so a notebook could not train in fp32 and then in bf16.
-    accelerator = Accelerator(cpu=device_type == "cpu")
-    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
-    if cfg.batch_size % (world * cfg.grad_accum):
-        raise ValueError(f"batch_size {cfg.batch_size} must split evenly over {world} processes x "
-                         f"{cfg.grad_accum} micro-batches")
-    micro = cfg.batch_size // (world * cfg.grad_accum)
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-
-    core = model.to(device)
-    optimizer = _make_optimizer(core, cfg, param_groups)
-    start_step, history, pending, elapsed = 0, [], [0.0, 0], 0.0
-    ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
-    if ckpt_dir is not None and cfg.resume and (found := latest_checkpoint(ckpt_dir)) is not None:
-        state = _read_state(found)
-        theirs, ours = state.get("run", {}), cfg.run_fields()
-        differ = [f"{k}={theirs.get(k)!r} there, {ours[k]!r} here" for k in ours if theirs.get(k) != ours[k]]
-        if differ:
-            raise ValueError(f"checkpoint {found} was written by a different run ({'; '.join(differ)}); "
-                             f"use another checkpoint_dir or resume=False")
-        start_step, history = load_checkpoint(found, core, optimizer)
-        pending, elapsed = state.get("pending", pending), state.get("seconds", 0.0)
-    model = accelerator.prepare(core) if world > 1 else core
-    was_training = core.training
-    model.train()
-
-    tokens_per_step = cfg.batch_size * data.seq_len
-    checkpoint_steps = set(cfg.checkpoint_steps)
-    params = [p for p in core.parameters() if p.requires_grad]
-
-    def all_sum(*values: float) -> list[float]:
-        if world == 1:
-            return list(values)
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(t)
-        return t.tolist()
-
-    def log(step: int, lr: float, evaluate: bool):
-        mean = pending[0] / pending[1] if pending[1] else None
-        row = {"step": step, "tokens": step * tokens_per_step, "lr": lr, "train_loss": mean,
-               "seconds": elapsed + time.perf_counter() - began}
-        if evaluate and eval_sets:
-            core.eval()
-            for name, ds in eval_sets.items():
-                total, count = all_sum(*_eval_sums(core, ds, batch_size=32, max_batches=cfg.eval_batches,
-                                                   device=device, autocast_dtype=autocast_dtype,
-                                                   rank=rank, world=world))
-                row[f"eval/{name}"] = total / max(1, count)
-            core.train()
-        history.append(row)
-        pending[:] = [0.0, 0]
-
-    began = time.perf_counter()
-    if start_step == 0 and eval_sets and not history:
-        log(0, cfg.lr_at(0), evaluate=True)
+    run = _start(model, data, cfg, eval_data, param_groups)
+    start_step = run.start_step
+    was_training = run.core.training
+    run.model.train()
+    if start_step == 0 and run.eval_sets and not run.history:
+        _log(run, 0, evaluate=True)
     bar = tqdm(total=cfg.steps, initial=start_step, desc=cfg.desc, leave=False, mininterval=1.0,
-               disable=not cfg.progress or not accelerator.is_main_process or not progress_enabled())
-    rng_devices = [torch.cuda.current_device()] if device.type == "cuda" else []
+               disable=not cfg.progress or not run.is_main or not progress_enabled())
+    rng_devices = [torch.cuda.current_device()] if run.device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices):
         for step in range(start_step, cfg.steps):
-            _seed_step(cfg.seed, step, device)  # dropout masks depend on (seed, step) only
-            lr = cfg.lr_at(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-            rows = batch_indices(len(data), cfg.batch_size, step, cfg.seed)
-            n_targets = max(1, data.target_count(rows))
-            mine = rows[rank::world]  # this process's share of the global batch
-            step_loss = torch.zeros((), device=device)
-            for k in range(cfg.grad_accum):
-                part = mine[k * micro:(k + 1) * micro]
-                batch = data.batch(part, device)
-                # Gradients are all-reduced once per step, after the last micro-batch.
-                sync = world == 1 or k == cfg.grad_accum - 1
-                with contextlib.nullcontext() if sync else model.no_sync():
-                    with _autocast(device, autocast_dtype, training=True):
-                        if loss_fn is None:  # this share of the global batch's token mean
-                            targets = data.targets[torch.as_tensor(part)].to(device)
-                            loss = _loss_sum(model, batch, targets) / n_targets
-                            scale = world  # DDP averages gradients over processes: undo it
-                        else:
-                            loss = loss_fn(model, batch) / (cfg.grad_accum * world)
-                            scale = world
-                    (loss * scale if scaler is None else scaler.scale(loss * scale)).backward()
-                step_loss += loss.detach()
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if cfg.clip_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            (step_loss,) = all_sum(step_loss.item())
+            _seed_step(cfg.seed, step, run.device)  # dropout masks depend on (seed, step) only
+            step_loss = _optimizer_step(run, step, loss_fn)
             done = step + 1
             bar.update()
-            pending[0] += step_loss
-            pending[1] += 1
+            run.pending[0] += step_loss
+            run.pending[1] += 1
             if not math.isfinite(step_loss):
-                log(done, lr, evaluate=False)
+                _log(run, done, evaluate=False)
                 break  # diverged: the history shows it; the caller decides what that means
             bar.set_postfix_str(f"loss={step_loss:.3f}", refresh=False)
             if on_step is not None:
-                on_step(done, core)
+                on_step(done, run.core)
             evaluate = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps
             if evaluate or (cfg.log_every and done % cfg.log_every == 0):
-                log(done, lr, bool(evaluate))
-            if done in checkpoint_steps and accelerator.is_main_process:
-                save_checkpoint(ckpt_dir / f"step-{done}", core, optimizer, done, history,
-                                run=cfg.run_fields(), pending=pending,
-                                seconds=elapsed + time.perf_counter() - began)
+                _log(run, done, bool(evaluate))
+            if done in cfg.checkpoint_steps and run.is_main:
+                save_checkpoint(Path(cfg.checkpoint_dir) / f"step-{done}", run.core, run.optimizer, done, run.history,
+                                run=cfg.run_fields(), pending=run.pending,
+                                seconds=run.elapsed + time.perf_counter() - run.began)
     bar.close()
-    accelerator.wait_for_everyone()
-    core.train(was_training)
-    frame = pd.DataFrame(history)
-    frame.attrs.update(tokens_per_step=tokens_per_step, config=asdict(cfg), precision=precision,
-                       processes=world, resumed_from=start_step)
+    if run.accelerator is not None:
+        run.accelerator.wait_for_everyone()
+    run.core.train(was_training)
+    frame = pd.DataFrame(run.history)
+    frame.attrs.update(tokens_per_step=cfg.batch_size * run.data.seq_len, config=asdict(cfg),
+                       precision=resolve_precision(cfg.precision, run.device), processes=run.world,
+                       resumed_from=start_step)
     return frame

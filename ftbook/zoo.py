@@ -21,12 +21,11 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import torch
-
 from . import data as D
 from .records import atomic_write_text, ftbook_home, sha256_file
 
-ZOO_FORMAT = 2  # 2: "final" really is the last step (1 saved the last kept step there). Bump when the corpus or training code changes what a recipe produces
+# Bump when the corpus or training code changes what a recipe produces.
+ZOO_FORMAT = 2  # 2: "final" really is the last step (1 saved the last kept step there)
 
 
 class CorruptCheckpointError(RuntimeError):
@@ -72,7 +71,7 @@ SMOKE = dict(steps=30, warmup_steps=5, n_docs=600, keep_steps=(10, 20), eval_eve
 
 def recipe(name: str, profile: str | None = None, **overrides) -> Recipe:
     """The recipe of ``zoo:name``: its defaults, the ``smoke`` profile's shortcuts, then ``overrides``."""
-    from .models import ModelSpecError
+    from .modeling import ModelSpecError
 
     if name not in RECIPES:
         close = difflib.get_close_matches(name, RECIPES, n=1)
@@ -198,7 +197,7 @@ def pretrain_many(requests: dict[str, dict], seed: int = 0, *, profile: str | No
 
 
 def _pretrain_into(entry: Path, name: str, rec: Recipe, seed: int, progress: bool) -> None:
-    from . import models
+    from . import modeling
     from .train import TrainConfig, train
 
     work = entry.with_name(entry.name + ".partial")  # checkpoints here survive a crash: resume
@@ -208,9 +207,9 @@ def _pretrain_into(entry: Path, name: str, rec: Recipe, seed: int, progress: boo
     train_blocks = D.pack(texts["train"], tokenizer, rec.seq_len)
     evals = {k.split("/", 1)[1]: D.pack(v, tokenizer, rec.seq_len, max_blocks=64)
              for k, v in texts.items() if k.startswith("val/")}
-    config = models.tiny_config(rec.arch, vocab_size=len(tokenizer), n_layer=rec.n_layer,
+    config = modeling.tiny_config(rec.arch, vocab_size=len(tokenizer), n_layer=rec.n_layer,
                                 d_model=rec.d_model, n_head=rec.n_head, max_len=max(256, rec.seq_len))
-    model = models.from_config(config, seed=seed)
+    model = modeling.from_config(config, seed=seed)
     keep = tuple(s for s in rec.keep_steps if s < rec.steps)
     cfg = TrainConfig(steps=rec.steps, lr=rec.lr, batch_size=rec.batch_size, warmup_steps=rec.warmup_steps,
                       schedule=rec.schedule, eval_every=rec.eval_every, seed=seed,
@@ -231,13 +230,14 @@ def _pretrain_into(entry: Path, name: str, rec: Recipe, seed: int, progress: boo
     for step in (rec.steps,) + keep:
         folder = work / ("final" if step == rec.steps else f"step-{step}")
         if step != rec.steps:
-            model.load_state_dict({**final, **load_file(str(work / "train" / f"step-{step}" / "trainable.safetensors"))})
+            model.load_state_dict({**final,
+                                   **load_file(str(work / "train" / f"step-{step}" / "trainable.safetensors"))})
         model.save_pretrained(folder, safe_serialization=True)
         tokenizer.save_pretrained(folder)
     model.load_state_dict(final)
     shutil.rmtree(work / "train")
     history.to_json(work / "history.json", orient="records")
-    info = {"name": name, "seed": seed, "recipe": asdict(rec), "parameters": models.count_parameters(model),
+    info = {"name": name, "seed": seed, "recipe": asdict(rec), "parameters": modeling.count_parameters(model),
             "train_tokens": int(rec.steps * rec.batch_size * rec.seq_len), "train_seconds": round(seconds, 1),
             "corpus_documents": len(texts["train"])}
     (work / "info.json").write_text(json.dumps(info, indent=2))
@@ -251,14 +251,14 @@ def _pretrain_into(entry: Path, name: str, rec: Recipe, seed: int, progress: boo
 def load(name: str, seed: int = 0, step: str | None = None, *, profile: str | None = None,
          progress: bool = True, **overrides):
     """``(model, tokenizer)`` of ``zoo:name`` (final weights, or an intermediate ``step``)."""
-    from . import models
+    from . import modeling
 
     entry = pretrain(name, seed, profile=profile, progress=progress, **overrides)
     folder = entry / ("final" if step in (None, "final") else step)
     if not folder.is_dir():
         kept = sorted(p.name for p in entry.iterdir() if p.name.startswith("step-")) + ["final"]
-        raise models.ModelSpecError(f"zoo:{name} has no checkpoint {step!r}; kept: {', '.join(kept)}")
-    return models.load_pretrained(folder)
+        raise modeling.ModelSpecError(f"zoo:{name} has no checkpoint {step!r}; kept: {', '.join(kept)}")
+    return modeling.load_pretrained(folder)
 
 
 def history(name: str, seed: int = 0, profile: str | None = None, **overrides):

@@ -1,6 +1,5 @@
 """Shared fixtures. Unit tests that train or cache use ``tmp_home`` (a throw-away FTBOOK_HOME);
 chapter and book tests use the real one, so the book build reuses the executions the tests made."""
-import os
 from pathlib import Path
 
 import pytest

@@ -1,22 +1,8 @@
-"""Knobs of chapter 03_continual_pretraining: defaults at the ``cpu`` profile, diffs for ``smoke`` and ``gpu``, validators."""
+"""Chapter 03_continual_pretraining\'s knobs: defaults at ``cpu``, diffs for the other profiles, validators and rules."""
 from __future__ import annotations
 
-import difflib
-
-from ..config import ChapterSpec, register
-from ._checks import at_least, check_open_unit  # noqa: F401
-
-
-# --- chapter 3: continual pre-training ------------------------------------------------------------
-def _check_replay_fractions(value: str) -> None:
-    try:
-        fractions = [float(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"must be comma-separated numbers in (0, 1), e.g. '0.01,0.05,0.25'; got {value!r}") from None
-    if not fractions or any(not 0 < f < 1 for f in fractions):
-        raise ValueError(f"every replay fraction must lie in (0, 1), got {value!r}")
-
-
+from ..config import ChapterSpec
+from ._checks import at_least, check_open_unit, grid, not_above
 
 
 def _check_general_corpus(value: str) -> None:
@@ -31,7 +17,7 @@ def _check_model_spec(value: str) -> None:
                          f"'hf:org/name' / 'path:/folder', got {value!r}")
 
 
-register(ChapterSpec(
+SPEC = ChapterSpec(
     name="03_continual_pretraining",
     title="Continual pre-training: re-warming, replay, the stability gap, DAPT and TAPT",
     defaults=dict(
@@ -45,7 +31,7 @@ register(ChapterSpec(
         lr=4e-3, min_lr=4e-4,         # peak lr (pre-training and re-warming) and the floor of every decay
         cpt_steps=200,                # continual pre-training steps per arm (equal compute)
         rewarm_steps=20,              # re-warm-up length of the re-warm arms
-        replay_fractions="0.01,0.05,0.25",
+        replay_fractions=[0.01, 0.05, 0.25],
         replay_fraction=0.05,         # the replay arm the replay and stability-gap claims are about
         n_entities=24,                # people in domain B's world (few: each fact must be read often to be stored)
         domain_docs=8000,             # documents of domain B
@@ -56,15 +42,18 @@ register(ChapterSpec(
         workers=2,                    # arms trained side by side in this many single-thread processes
     ),
     diffs={
-        "smoke": dict(pretrain_steps=8, warmup_steps=4, cpt_steps=6, rewarm_steps=2, domain_docs=400, batch_size=4, workers=1,
+        "smoke": dict(pretrain_steps=8, warmup_steps=4, cpt_steps=6, rewarm_steps=2, domain_docs=400, batch_size=4,
+                      workers=1,
                       general_docs=1500, tapt_steps=4, finetune_steps=4, eval_blocks=8, vocab_size=384,
                       task_entities=8),
-        "gpu": dict(model="hf:EleutherAI/pythia-160m", general_docs=200_000, general_corpus="hf:Salesforce/wikitext@wikitext-103-raw-v1",
+        "gpu": dict(model="hf:EleutherAI/pythia-160m", general_docs=200_000,
+                    general_corpus="hf:Salesforce/wikitext@wikitext-103-raw-v1",
                     seq_len=256, batch_size=32, lr=1e-4, min_lr=1e-5, cpt_steps=2000, rewarm_steps=100,
                     n_entities=400, domain_docs=200_000, task_entities=200, tapt_steps=500,
                     finetune_steps=300, finetune_lr=2e-5, eval_blocks=256, workers=1),
     },
-    validators={"replay_fractions": _check_replay_fractions, "model": _check_model_spec,
+    validators={"replay_fractions": grid(0.0, 1.0, "replay fractions", min_items=1, strictly_above_low=True),
+                "model": _check_model_spec,
                 "replay_fraction": check_open_unit, "general_corpus": _check_general_corpus,
                 "cpt_steps": at_least(2),
                 "pretrain_steps": at_least(1),
@@ -74,4 +63,5 @@ register(ChapterSpec(
                 "finetune_steps": at_least(1),
                 "domain_docs": at_least(100), "general_docs": at_least(100),
                 "eval_blocks": at_least(1), "workers": at_least(1)},
-))
+    rules=(not_above("rewarm_steps", "cpt_steps"), not_above("task_entities", "n_entities")),
+)

@@ -1,8 +1,8 @@
-"""Knobs of chapter 04_merging: defaults at the ``cpu`` profile, diffs for ``smoke`` and ``gpu``, validators."""
+"""Chapter 04_merging\'s knobs: defaults at ``cpu``, diffs for the other profiles, validators and rules."""
 from __future__ import annotations
 
-from ..config import ChapterSpec, register
-from ._checks import at_least, check_open_unit, comma_list, pretrained_model
+from ..config import ChapterSpec
+from ._checks import at_least, check_open_unit, check_positive, grid, names_from, positive_items, pretrained_model
 
 TASKS = ("facts", "parity", "max", "length")
 
@@ -12,52 +12,19 @@ def _check_other_init(value: str) -> None:
         pretrained_model(value)
 
 
-def _check_tasks(value: str) -> None:
-    names = [x.strip() for x in value.split(",") if x.strip()]
-    unknown = [n for n in names if n not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown task {unknown[0]!r}; known: {', '.join(TASKS)}")
-    if len(names) < 2 or len(set(names)) != len(names):
-        raise ValueError(f"needs at least two different tasks, comma-separated; got {value!r}")
-    if "facts" not in names:
-        raise ValueError(f"must include 'facts' (the WiSE-FT and soup experiments use it); got {value!r}")
-
-
-def _grid(low: float, high: float, *, what: str, min_items: int = 2):
-    def check(value: str) -> None:
-        items = comma_list(value, float)
-        if len(items) < min_items:
-            raise ValueError(f"needs at least {min_items} {what}, comma-separated; got {value!r}")
-        if any(not low <= x <= high for x in items) or items != sorted(set(items)):
-            raise ValueError(f"every {what[:-1]} must lie in [{low}, {high}], increasing, no repeats; got {value!r}")
-    return check
-
-
-def _check_alphas(value: str) -> None:
-    _grid(0.0, 1.0, what="mixing coefficients", min_items=3)(value)
-    items = comma_list(value, float)
-    if items[0] != 0 or items[-1] != 1:
+def _check_alphas(value: list) -> None:
+    grid(0.0, 1.0, "mixing coefficients", min_items=3)(value)
+    if value[0] != 0 or value[-1] != 1:
         raise ValueError(f"must start at 0 (the base) and end at 1 (the fine-tune); got {value!r}")
 
 
-def _check_lrs(value: str) -> None:
-    items = comma_list(value, float)
-    if len(items) < 2 or any(x <= 0 for x in items):
-        raise ValueError(f"needs at least two positive learning rates, comma-separated; got {value!r}")
-
-
-def _check_positive(value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"must be positive, got {value}")
-
-
-register(ChapterSpec(
+SPEC = ChapterSpec(
     name="04_merging",
     title="Model merging: soups, WiSE-FT, task arithmetic, TIES, DARE, Fisher, RegMean",
     defaults=dict(
         model="zoo:base",              # the shared pre-trained base every ingredient is fine-tuned from
         other_init="zoo:other-seed",   # a base pre-trained from another seed: the linear-mode-connectivity control
-        tasks="facts,parity,max,length",
+        tasks=list(TASKS),
         train_examples=1000,           # training pairs per task
         eval_examples=200,             # test pairs per task (accuracy among the task's answers)
         val_examples=100,              # validation pairs per task: every choice (λ, α, greedy soup) is made here
@@ -65,15 +32,16 @@ register(ChapterSpec(
         steps=80,                      # fine-tuning steps of every ingredient
         lr=3e-4,                       # learning rate of the task vectors: small deltas, what DARE needs (Yu et al.)
         wise_lr=1e-3,                  # the WiSE-FT fine-tune: large enough to forget the form pre-training used
-        soup_lrs="3e-4,1e-3,3e-3",     # soup ingredients: these learning rates ...
+        soup_lrs=[3e-4, 1e-3, 3e-3],     # soup ingredients: these learning rates ...
         soup_orders=2,                 # ... x this many data orders
         multitask_steps=120,           # the multi-task model a task vector is subtracted from (negation)
-        alphas="0,0.2,0.4,0.6,0.8,1",  # WiSE-FT mixing coefficients
-        scalings="0.3,0.5,0.75,1",     # λ of task arithmetic and DARE (picked on validation)
-        ties_scalings="0.6,1,1.5,2",   # λ of TIES (its disjoint mean averages: λ ≈ 1 is an average, not a sum)
-        negation_scalings="0.25,0.5,0.75,1,1.5,2",  # λ of negation: the largest keeping the controls (Ilharco et al.)
+        alphas=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0],  # WiSE-FT mixing coefficients
+        scalings=[0.3, 0.5, 0.75, 1.0],     # λ of task arithmetic and DARE (picked on validation)
+        ties_scalings=[0.6, 1.0, 1.5, 2.0],   # λ of TIES (its disjoint mean averages: λ ≈ 1 is an average, not a sum)
+        negation_scalings=[0.25, 0.5, 0.75, 1.0, 1.5,
+                           2.0],  # λ of negation: the largest keeping the controls (Ilharco et al.)
         control_drop=0.05,             # ... within this much of their accuracy before
-        drop_rates="0,0.5,0.8,0.9,0.95,0.99",  # DARE's drop-rate curve
+        drop_rates=[0.0, 0.5, 0.8, 0.9, 0.95, 0.99],  # DARE's drop-rate curve
         ties_density=0.2,              # share of each task vector TIES keeps (the paper's k = 20 %)
         stat_examples=64,              # sequences per task for the Fisher and the RegMean Grams
         lora_rank=8, lora_lr=3e-3,     # LoRA ingredients (merged after folding B A into the weights)
@@ -81,21 +49,24 @@ register(ChapterSpec(
     ),
     diffs={
         "smoke": dict(seq_len=40, train_examples=64, eval_examples=16, val_examples=16, steps=4, multitask_steps=4,
-                      soup_lrs="1e-3,3e-3", soup_orders=1, alphas="0,0.5,1", scalings="0.5,1",
-                      ties_scalings="1", negation_scalings="1", drop_rates="0,0.9", stat_examples=4, workers=1),
+                      soup_lrs=[1e-3, 3e-3], soup_orders=1, alphas=[0.0, 0.5, 1.0], scalings=[0.5, 1.0],
+                      ties_scalings=[1.0], negation_scalings=[1.0], drop_rates=[0.0, 0.9], stat_examples=4, workers=1),
         "gpu": dict(model="hf:EleutherAI/pythia-160m", other_init="hf:EleutherAI/pythia-160m-seed1",
                     train_examples=4000, eval_examples=500, val_examples=300, seq_len=48, batch_size=32,
-                    steps=300, lr=1e-5, wise_lr=3e-5, soup_lrs="1e-5,2e-5,5e-5", soup_orders=2,
+                    steps=300, lr=1e-5, wise_lr=3e-5, soup_lrs=[1e-5, 2e-5, 5e-5], soup_orders=2,
                     multitask_steps=600, stat_examples=256, lora_rank=16, lora_lr=2e-4, workers=1),
     },
-    validators={"model": pretrained_model, "other_init": _check_other_init, "tasks": _check_tasks,
-                "alphas": _check_alphas, "scalings": _grid(0.0, 4.0, what="scalings", min_items=1),
-                "drop_rates": _grid(0.0, 0.999, what="drop rates"), "soup_lrs": _check_lrs,
-                "lr": _check_positive, "wise_lr": _check_positive,
-                "ties_scalings": _grid(0.0, 8.0, what="scalings", min_items=1),
-                "negation_scalings": _grid(0.0, 8.0, what="scalings", min_items=1), "control_drop": check_open_unit, "ties_density": check_open_unit,
+    validators={"model": pretrained_model, "other_init": _check_other_init,
+                # 'facts' is required: the WiSE-FT and soup experiments use it
+                "tasks": names_from(TASKS, "task", min_items=2, required=("facts",)),
+                "alphas": _check_alphas, "scalings": grid(0.0, 4.0, "scalings", min_items=1),
+                "drop_rates": grid(0.0, 0.999, "drop rates"), "soup_lrs": positive_items("learning rates", min_items=2),
+                "lr": check_positive, "wise_lr": check_positive,
+                "ties_scalings": grid(0.0, 8.0, "scalings", min_items=1),
+                "negation_scalings": grid(0.0, 8.0, "scalings", min_items=1), "control_drop": check_open_unit,
+                "ties_density": check_open_unit,
                 "train_examples": at_least(16), "eval_examples": at_least(4), "val_examples": at_least(4),
                 "seq_len": at_least(16), "batch_size": at_least(1), "steps": at_least(1),
                 "multitask_steps": at_least(1), "soup_orders": at_least(1), "stat_examples": at_least(1),
-                "lora_rank": at_least(1), "lora_lr": _check_positive, "workers": at_least(1)},
-))
+                "lora_rank": at_least(1), "lora_lr": check_positive, "workers": at_least(1)},
+)

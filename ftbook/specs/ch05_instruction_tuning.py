@@ -1,28 +1,16 @@
-"""Knobs of chapter 05_instruction_tuning: defaults at the ``cpu`` profile, diffs for ``smoke`` and ``gpu``, validators."""
+"""Chapter 05_instruction_tuning\'s knobs: defaults at ``cpu``, diffs for the other profiles, validators and rules."""
 from __future__ import annotations
 
-from ..config import ChapterSpec, register
-from ._checks import at_least, check_open_unit, comma_list, pretrained_model
+from ..config import ChapterSpec
+from ._checks import at_least, check_open_unit, grid, names_from, pretrained_model
 
 FAMILIES = ("add", "max", "min", "sort", "reverse", "first", "last", "length", "count", "parity", "successor")
 
 
-def _check_families(value: str) -> None:
-    names = [x.strip() for x in value.split(",") if x.strip()]
-    unknown = [n for n in names if n not in FAMILIES]
-    if not names or unknown:
-        raise ValueError(f"must be comma-separated task families from {', '.join(FAMILIES)}; "
-                         f"unknown: {', '.join(unknown) or '(none given)'}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"names a family twice: {value!r}")
-    if len(names) > len(FAMILIES) - 2:
-        raise ValueError(f"holds out {len(names)} families; at least 2 must remain for tuning")
-
-
-def _check_family_counts(value: str) -> None:
-    counts = comma_list(value, int)
-    if len(counts) < 2 or any(c < 1 for c in counts) or counts != sorted(set(counts)):
-        raise ValueError(f"must be at least two increasing positive integers, e.g. '1,2,4,8'; got {value!r}")
+def _check_families(value: list) -> None:
+    names_from(FAMILIES, "task family")(value)
+    if len(value) > len(FAMILIES) - 2:
+        raise ValueError(f"holds out {len(value)} families; at least 2 must remain for tuning")
 
 
 def _check_family_orders(value: int) -> None:
@@ -37,14 +25,14 @@ def _check_instructions(value: str) -> None:
                          f"got {value!r}")
 
 
-register(ChapterSpec(
+SPEC = ChapterSpec(
     name="05_instruction_tuning",
     title="Instruction tuning: chat templates, response-only loss, held-out tasks, quality vs quantity",
     defaults=dict(
         model="zoo:base",              # the pre-trained base: chapter 1's zoo model, or hf:/path:
         instructions="synthetic",      # tuning data: the world's task families, or a hub dataset (gpu)
-        held_out_families="min,last,successor",  # never tuned on: the FLAN-style evaluation
-        family_counts="1,2,4,8",       # the family sweep: tuning families (nested sets, seeded order)
+        held_out_families=["min", "last", "successor"],  # never tuned on: the FLAN-style evaluation
+        family_counts=[1, 2, 4, 8],       # the family sweep: tuning families (nested sets, seeded order)
         family_orders=2,               # orders of the sweep averaged (each starts with another family)
         response_style="answer",       # 'answer' (the bare answer) or 'sentence' (pre-training's sentence)
         train_pairs=800,               # instruction pairs per tuning run (all arms but the LIMA ones)
@@ -58,15 +46,15 @@ register(ChapterSpec(
     ),
     diffs={
         "smoke": dict(steps=4, train_pairs=64, eval_per_family=2, lima_clean_pairs=32, lima_large_pairs=64,
-                      family_counts="1,2", chat_pairs=8, batch_size=8, family_orders=1, workers=1),
+                      family_counts=[1, 2], chat_pairs=8, batch_size=8, family_orders=1, workers=1),
         "gpu": dict(model="hf:Qwen/Qwen2.5-0.5B", instructions="hf:databricks/databricks-dolly-15k",
                     steps=1000, lr=2e-5, batch_size=32, seq_len=512, train_pairs=10_000, eval_per_family=200,
                     lima_clean_pairs=1000, lima_large_pairs=10_000, chat_pairs=0, workers=1),
     },
     choices={"response_style": ("answer", "sentence")},
     validators={"model": pretrained_model, "instructions": _check_instructions,
-                "held_out_families": _check_families, "family_counts": _check_family_counts,
+                "held_out_families": _check_families, "family_counts": grid(1, len(FAMILIES), "family counts"),
                 "lima_noise": check_open_unit, "train_pairs": at_least(8), "eval_per_family": at_least(1),
                 "lima_clean_pairs": at_least(2), "lima_large_pairs": at_least(2), "chat_pairs": at_least(0),
                 "family_orders": _check_family_orders, "workers": at_least(1)},
-))
+)

@@ -1,27 +1,8 @@
-"""Knobs of chapter 06_forgetting: defaults at the ``cpu`` profile, diffs for ``smoke`` and ``gpu``, validators."""
+"""Chapter 06_forgetting\'s knobs: defaults at ``cpu``, diffs for the other profiles, validators and rules."""
 from __future__ import annotations
 
-from ..config import ChapterSpec, register
-from ._checks import at_least, check_open_unit, comma_list, pretrained_model
-
-
-# --- chapter 6: forgetting ----------------------------------------------------------------------------
-def _positive_list(kind, what: str, *, at_most: float | None = None, min_items: int = 1):
-    def check(value: str) -> None:
-        items = comma_list(value, kind)
-        if len(items) < min_items:
-            raise ValueError(f"needs at least {min_items} {what}, comma-separated; got {value!r}")
-        if any(x <= 0 for x in items):
-            raise ValueError(f"every {what[:-1] if what.endswith('s') else what} must be positive, got {value!r}")
-        if at_most is not None and any(x > at_most for x in items):
-            raise ValueError(f"every value must be at most {at_most}, got {value!r}")
-    return check
-
-
-def _check_shares(value: str) -> None:
-    shares = comma_list(value, float)
-    if len(shares) < 2 or any(not 0 <= s <= 1 for s in shares) or shares != sorted(set(shares)):
-        raise ValueError(f"must be at least two increasing shares in [0, 1], e.g. '0,0.5,1'; got {value!r}")
+from ..config import ChapterSpec
+from ._checks import at_least, check_open_unit, grid, positive_items, pretrained_model
 
 
 def _check_target(value: str) -> None:
@@ -35,7 +16,7 @@ def _check_energy(value: float) -> None:
         raise ValueError(f"must lie in (0, 1], got {value}")
 
 
-register(ChapterSpec(
+SPEC = ChapterSpec(
     name="06_forgetting",
     title="Forgetting",
     defaults=dict(
@@ -47,9 +28,9 @@ register(ChapterSpec(
         source_blocks=64,             # held-out pre-training blocks (x 64 tokens) that measure forgetting
         seq_len=32, batch_size=16,
         steps=100,                    # fine-tuning steps of every run of experiments 1 and 2
-        full_lrs="1e-4,3e-4,1e-3",    # learning rates of full fine-tuning
-        lora_lrs="3e-4,1e-3,3e-3",    # learning rates of LoRA (it needs larger ones)
-        lora_ranks="2,8",
+        full_lrs=[1e-4, 3e-4, 1e-3],    # learning rates of full fine-tuning
+        lora_lrs=[3e-4, 1e-3, 3e-3],    # learning rates of LoRA (it needs larger ones)
+        lora_ranks=[2, 8],
         snapshot_every=10,            # full fine-tuning: target loss and weights kept every N steps
         energy=0.9,                   # effective rank: singular values holding this share of ||dW||^2
         intruder_top_k=10, intruder_threshold=0.5,  # Shuttleworth et al.: top-k singular vectors, cosine < threshold
@@ -59,25 +40,25 @@ register(ChapterSpec(
         revival_level=0.8,            # "restored" = held-out accuracy back to this share of the base's
         # (4) new knowledge
         train_facts=48,               # facts per fine-tuning set
-        unknown_shares="0,0.5,1",     # share of never-stated facts in the set
+        unknown_shares=[0.0, 0.5, 1.0],     # share of never-stated facts in the set
         facts_lr=3e-4, facts_steps=100, fit_every=2,
     ),
     diffs={
-        "smoke": dict(seq_len=64, target_examples=64, eval_examples=16, source_blocks=4, steps=4, full_lrs="1e-3",
-                      lora_lrs="1e-3", lora_ranks="2", snapshot_every=2, revival_steps=4, revival_every=2,
+        "smoke": dict(seq_len=64, target_examples=64, eval_examples=16, source_blocks=4, steps=4, full_lrs=[1e-3],
+                      lora_lrs=[1e-3], lora_ranks=[2], snapshot_every=2, revival_steps=4, revival_every=2,
                       train_facts=8, facts_steps=4, fit_every=2),
         "gpu": dict(model="hf:Qwen/Qwen2.5-0.5B", target="hf:meta-math/MetaMathQA", target_examples=20_000,
                     eval_examples=500, source_blocks=256, seq_len=512, batch_size=32, steps=1000,
-                    full_lrs="1e-5,2e-5,5e-5", lora_lrs="1e-4,2e-4,5e-4", lora_ranks="16,64,256",
+                    full_lrs=[1e-5, 2e-5, 5e-5], lora_lrs=[1e-4, 2e-4, 5e-4], lora_ranks=[16, 64, 256],
                     snapshot_every=500),  # few snapshots: each holds every projection matrix of the model
     },
     choices={},
     validators={"model": pretrained_model, "target": _check_target,
-                "full_lrs": _positive_list(float, "learning rates"), "lora_lrs": _positive_list(float, "learning rates"),
-                "lora_ranks": _positive_list(int, "ranks"), "unknown_shares": _check_shares,
+                "full_lrs": positive_items("learning rates"), "lora_lrs": positive_items("learning rates"),
+                "lora_ranks": positive_items("ranks"), "unknown_shares": grid(0.0, 1.0, "shares"),
                 "energy": _check_energy, "intruder_threshold": check_open_unit, "revival_level": check_open_unit,
                 "target_examples": at_least(16), "eval_examples": at_least(4), "source_blocks": at_least(1),
                 "seq_len": at_least(16), "steps": at_least(2), "snapshot_every": at_least(1),
                 "intruder_top_k": at_least(1), "revival_steps": at_least(1), "revival_every": at_least(1),
                 "train_facts": at_least(4), "facts_steps": at_least(1), "fit_every": at_least(1)},
-))
+)

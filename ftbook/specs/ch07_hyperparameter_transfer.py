@@ -1,37 +1,35 @@
-"""Knobs of chapter 07_hyperparameter_transfer: defaults at the ``cpu`` profile, diffs for ``smoke`` and ``gpu``, validators."""
+"""Chapter 07_hyperparameter_transfer\'s knobs: defaults at ``cpu``, diffs for the other profiles, validators and rules."""
 from __future__ import annotations
 
-import difflib
-
-from ..config import ChapterSpec, register
-from ._checks import at_least, check_open_unit  # noqa: F401
+from ..config import ChapterSpec, ConfigError, did_you_mean
+from ._checks import at_least, grid
 
 
-# --- chapter 7: hyper-parameter transfer across scale (muP) -----------------------------------------
-def _check_widths(value: str) -> None:
-    try:
-        widths = [int(w) for w in value.split(",") if w.strip()]
-    except ValueError:
-        raise ValueError(f"must be comma-separated integers like '32,64,128', got {value!r}") from None
-    if len(widths) < 2 or any(w < 8 or w % 4 for w in widths) or widths != sorted(set(widths)):
-        raise ValueError(f"needs at least two increasing widths, each a multiple of 4 and >= 8, got {value!r}")
+def _check_widths(value: list) -> None:
+    grid(8, 1 << 20, "widths")(value)
+    if any(w % 4 for w in value):
+        raise ValueError(f"every width must be a multiple of 4, got {value!r}")
 
 
 def _check_corpus(value: str) -> None:
-    from ..corpora import NAMES
+    from ..corpora import NAMES  # here, not at the top: resolving a config does not import the corpora
 
     if value != "world" and value not in NAMES and not value.startswith("hf:"):
-        close = difflib.get_close_matches(value, ("world", *NAMES), n=1)
-        hint = f" — did you mean '{close[0]}'?" if close else ""
-        raise ValueError(f"unknown corpus {value!r}{hint} (known: world, {', '.join(NAMES)}, or hf:org/name@config)")
+        raise ValueError(f"unknown corpus {value!r}{did_you_mean(value, ('world', *NAMES))} "
+                         f"(known: world, {', '.join(NAMES)}, or hf:org/name@config)")
 
 
+def _instability_width_is_swept(values) -> None:
+    if values["instability_width"] not in values["widths"]:
+        raise ConfigError("instability_width", f"must be one of the swept widths {values['widths']}, "
+                                               f"got {values['instability_width']}")
 
-register(ChapterSpec(
+
+SPEC = ChapterSpec(
     name="07_hyperparameter_transfer",
     title="Hyper-parameter transfer across width: muP, sharpness and instability proxies",
     defaults=dict(
-        widths="32,64,128,256",   # model widths swept (the first is muP's base width, where muP == SP)
+        widths=[32, 64, 128, 256],   # model widths swept (the first is muP's base width, where muP == SP)
         lr_min=4e-3,              # smallest learning rate of the grid; the grid doubles at each of grid_points
         grid_points=7,            # learning rates per width (4e-3 ... 2.56e-1)
         steps=100,                # training steps of every sweep run
@@ -50,10 +48,10 @@ register(ChapterSpec(
         workers=2,                # training processes (one torch thread each)
     ),
     diffs={
-        "smoke": dict(widths="32,64", lr_min=0.016, grid_points=3, steps=6, warmup_steps=2, train_docs=400,
+        "smoke": dict(widths=[32, 64], lr_min=0.016, grid_points=3, steps=6, warmup_steps=2, train_docs=400,
                       vocab_size=384, sharpness_lr=0.032, sharpness_every=3, instability_width=32,
                       instability_lr=0.064),
-        "gpu": dict(widths="128,256,512,1024", lr_min=1e-3, grid_points=8, steps=1000, batch_size=64, seq_len=128,
+        "gpu": dict(widths=[128, 256, 512, 1024], lr_min=1e-3, grid_points=8, steps=1000, batch_size=64, seq_len=128,
                     n_layer=4, n_head=8, vocab_size=4096, corpus="hf:Salesforce/wikitext@wikitext-103-raw-v1",
                     train_docs=200000, sharpness_lr=0.008, sharpness_every=100, instability_width=512,
                     instability_lr=0.032, workers=1),
@@ -61,4 +59,5 @@ register(ChapterSpec(
     validators={"widths": _check_widths, "corpus": _check_corpus, "grid_points": at_least(3),
                 "workers": at_least(1), "train_docs": at_least(50), "sharpness_every": at_least(1),
                 "instability_width": at_least(8)},
-))
+    rules=(_instability_width_is_swept,),
+)

@@ -1,27 +1,19 @@
-"""Knobs of chapter 08_pretraining_checkpoints: defaults at the ``cpu`` profile, diffs for ``smoke`` and ``gpu``, validators."""
+"""Chapter 08_pretraining_checkpoints\'s knobs: defaults at ``cpu``, diffs for the other profiles, validators and rules."""
 from __future__ import annotations
 
-import difflib
-
-from ..config import ChapterSpec, register
-from ._checks import at_least, check_open_unit  # noqa: F401
+from ..config import ChapterSpec
+from ._checks import at_least, grid, known_names
 
 
-# --- chapter 8: how much pre-training does fine-tuning need? ----------------------------------------------
-def _check_tasks(value: str) -> None:
-    from ..checkpoints import answer_candidates
-    from ..data import TASKS
+def _check_tasks(value: list) -> None:
+    from ..data import TASKS, answer_candidates  # here: resolving a config does not import the data module
 
-    names = [n.strip() for n in value.split(",") if n.strip()]
-    if not names:
-        raise ValueError(f"needs at least one task family, comma-separated (e.g. 'parity,max,count'), got {value!r}")
-    for name in names:
-        if name not in TASKS:
-            close = difflib.get_close_matches(name, TASKS, n=1)
-            hint = f" — did you mean '{close[0]}'?" if close else ""
-            raise ValueError(f"unknown task family {name!r}{hint} (known: {', '.join(TASKS)})")
+    if not value:
+        raise ValueError("needs at least one task family (e.g. ['parity', 'max', 'count'])")
+    for name in value:
+        known_names(name, TASKS, "task family")
         answer_candidates(name)  # raises for families without a closed answer set (sort, reverse)
-    if len(set(names)) != len(names):
+    if len(set(value)) != len(value):
         raise ValueError(f"lists a task twice: {value!r}")
 
 
@@ -31,29 +23,19 @@ def _check_model(value: str) -> None:
                          f"'hf:EleutherAI/pythia-160m', got {value!r}")
 
 
-def _check_revisions(value: str) -> None:
-    names = [n.strip() for n in value.split(",") if n.strip()]
-    if value != "kept" and len(names) < 3:
-        raise ValueError(f"must be 'kept' (the zoo's kept checkpoints) or at least three revisions, comma-separated "
-                         f"(e.g. 'step3000,step33000,step143000'), got {value!r}")
+def _check_revisions(value: list) -> None:
+    if value and len(value) < 3:
+        raise ValueError(f"must be [] (the zoo's kept checkpoints) or at least three revisions "
+                         f"(e.g. ['step3000', 'step33000', 'step143000']), got {value!r}")
 
 
-def _check_snapshots(value: str) -> None:
-    try:
-        steps = [int(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"must be comma-separated step counts like '20,40,80,160,320', got {value!r}") from None
-    if len(steps) < 3 or any(s < 1 for s in steps) or steps != sorted(set(steps)):
-        raise ValueError(f"needs at least three increasing positive step counts, got {value!r}")
-
-
-register(ChapterSpec(
+SPEC = ChapterSpec(
     name="08_pretraining_checkpoints",
     title="How much pre-training does fine-tuning need?",
     defaults=dict(
         model="zoo:base",             # whose checkpoints: chapter 1's zoo, or a hub model with step revisions (gpu)
-        revisions="kept",             # 'kept' = every checkpoint the zoo keeps; or 'step3000,step33000,...' (hub)
-        tasks="first,last,max,length,parity",  # downstream task families (closed answer sets)
+        revisions=[],                 # [] = every checkpoint the zoo keeps; or ['step3000', 'step33000', ...] (hub)
+        tasks=["first", "last", "max", "length", "parity"],  # downstream task families (closed answer sets)
         train_examples=512,           # fine-tuning examples per task (and the probe's training set)
         test_examples=64,             # held-out examples per task, each asked in every wording
         finetune_steps=80,            # steps of every fine-tune (short: the checkpoint, not the tuning, should matter)
@@ -61,7 +43,7 @@ register(ChapterSpec(
         finetune_batch=16,
         seq_len=32,                   # tokens per fine-tuning row (instruction + answer)
         probe_l2=1e-3,                # L2 penalty of the linear probe
-        probe_facts=128,              # stated facts asked before and after fine-tuning (knowledge the tuning never touches)
+        probe_facts=128,              # stated facts asked before and after fine-tuning (knowledge it never touches)
         # the data-limited fine-tunes behind the latent-improvement claim: too few examples to learn a task alone
         few_shot_examples=32, few_shot_draws=2, few_shot_steps=40,
         # a real-text task: movie-review sentiment (human-rated snippets), every checkpoint before/after/probed
@@ -69,32 +51,32 @@ register(ChapterSpec(
         workers=2,                    # processes for the checkpoint x task grid (2 single-thread ones on 2 cores)
         # Isik et al.: small pre-training runs on a varying amount of task-aligned vs misaligned text
         scaling_runs=False,           # off at cpu: runs that fit the budget learn the tasks on neither corpus
-        scaling_snapshots="20,40,80,160,320",  # pre-training steps at which each small run is fine-tuned and scored
-        scaling_tasks="max,first",    # downstream tasks of the scaling runs
+        scaling_snapshots=[20, 40, 80, 160, 320],  # pre-training steps at which each small run is fine-tuned and scored
+        scaling_tasks=["max", "first"],    # downstream tasks of the scaling runs
         scaling_width=64, scaling_layers=2,
         scaling_docs=12000,           # documents generated per pre-training corpus
         scaling_lr=3e-3,
     ),
     diffs={
-        "smoke": dict(tasks="first,count", train_examples=48, test_examples=8, finetune_steps=4, probe_facts=16,
+        "smoke": dict(tasks=["first", "count"], train_examples=48, test_examples=8, finetune_steps=4, probe_facts=16,
                       few_shot_examples=8, few_shot_draws=1, few_shot_steps=2, workers=1,
                       review_train=16, review_test=16, review_steps=2,
-                      scaling_snapshots="2,4,8", scaling_tasks="max", scaling_width=32, scaling_layers=1,
+                      scaling_snapshots=[2, 4, 8], scaling_tasks=["max"], scaling_width=32, scaling_layers=1,
                       scaling_docs=300, scaling_runs=True),
         "gpu": dict(model="hf:EleutherAI/pythia-160m",
-                    revisions="step1000,step3000,step13000,step33000,step73000,step143000",
+                    revisions=["step1000", "step3000", "step13000", "step33000", "step73000", "step143000"],
                     train_examples=2048, test_examples=256, finetune_steps=200, finetune_lr=2e-5, finetune_batch=32,
                     seq_len=48, probe_facts=256, few_shot_examples=64, few_shot_steps=60, workers=1,
                     review_train=2000, review_test=500, review_steps=200, review_seq_len=128,
-                    scaling_snapshots="100,200,400,800,1600,3200",
+                    scaling_snapshots=[100, 200, 400, 800, 1600, 3200],
                     scaling_width=256, scaling_layers=4, scaling_docs=200000, scaling_lr=1e-3,
                     scaling_runs=True),
     },
     validators={"tasks": _check_tasks, "scaling_tasks": _check_tasks, "model": _check_model,
-                "revisions": _check_revisions, "scaling_snapshots": _check_snapshots,
+                "revisions": _check_revisions, "scaling_snapshots": grid(1, 10 ** 9, "step counts", min_items=3),
                 "train_examples": at_least(8), "test_examples": at_least(4), "finetune_steps": at_least(1),
                 "finetune_batch": at_least(1), "probe_facts": at_least(4), "scaling_docs": at_least(100),
                 "few_shot_examples": at_least(1), "few_shot_draws": at_least(1), "few_shot_steps": at_least(1),
                 "workers": at_least(1), "review_train": at_least(4), "review_test": at_least(4),
                 "review_steps": at_least(1), "review_seq_len": at_least(24)},
-))
+)

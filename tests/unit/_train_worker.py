@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ftbook.models import from_config, tiny_config  # noqa: E402
+from ftbook.modeling import from_config, tiny_config  # noqa: E402
 from ftbook.train import TrainConfig, train  # noqa: E402
 
 

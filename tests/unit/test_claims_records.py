@@ -1,13 +1,12 @@
 import json
-import os
 
 import pytest
 
-from ftbook import claims, config as C, records, report
+from ftbook import claims, records, report, specs
 
 
 def _cfg(profile="cpu", strict=True):
-    return C.make("01_pretraining", profile=profile, strict=strict)
+    return specs.make("01_pretraining", profile=profile, strict=strict)
 
 
 def test_claim_verdicts_and_strict_failure_write_the_record_first(tmp_home):
@@ -97,7 +96,7 @@ def test_broken_record_files_are_skipped_and_latest_wins(tmp_home):
 
 def test_report_lists_every_claim_of_every_run(tmp_home):
     for seed, measured in ((0, 2.0), (1, 0.5)):
-        book = claims.ClaimBook(C.make("01_pretraining", profile="cpu", seed=seed, strict=False))
+        book = claims.ClaimBook(specs.make("01_pretraining", profile="cpu", seed=seed, strict=False))
         book.check("gap", paper="Kaplan", claim="bigger is better", measured=measured, op=">", threshold=1)
         book.finish()
     md = report.markdown()

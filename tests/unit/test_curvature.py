@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ftbook import curvature
+from ftbook.methods import curvature
 
 
 def _tiny_problem(seed=0):
@@ -82,7 +82,7 @@ def test_scales_give_preconditioned_hessian():
 
 
 def test_model_sharpness_is_deterministic_and_positive():
-    from ftbook import mup
+    from ftbook.methods import mup
 
     model = mup.make_model(50, 32, "mup", seq_len=8, seed=0)
     batch = torch.randint(0, 50, (4, 8), generator=torch.Generator().manual_seed(0))

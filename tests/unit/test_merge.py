@@ -1,4 +1,4 @@
-"""ftbook.merge: against peft.utils.merge_utils where peft has the method, and on hand-made tensors whose
+"""ftbook.methods.merge: against peft.utils.merge_utils where peft has the method, and on hand-made tensors whose
 answer is known."""
 import contextlib
 import copy
@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from ftbook import merge as M
+from ftbook import modeling
+from ftbook.methods import merge as M
+
 
 def _peft_merge_utils():
     """peft's merge_utils.py loaded by itself (it needs only torch): importing the peft package would pull
@@ -331,9 +333,8 @@ def test_model_stock_ratio_by_hand():
 
 @pytest.fixture(scope="module")
 def tiny_llama():
-    from ftbook import models
 
-    return models.from_config(models.tiny_config("llama", vocab_size=32, n_layer=1, d_model=16, max_len=16),
+    return modeling.from_config(modeling.tiny_config("llama", vocab_size=32, n_layer=1, d_model=16, max_len=16),
                               seed=0)
 
 

@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from ftbook import data as D, models, zoo
+from ftbook import data as D
+from ftbook import modeling, models, zoo
 from ftbook.train import evaluate_loss
 
 
@@ -21,7 +22,7 @@ def tokenizer(tmp_path_factory):
     ("path:/nonexistent/folder", "does not exist"),
 ])
 def test_bad_model_specs_fail_with_a_clear_message(spec, words, tmp_home):
-    with pytest.raises(models.ModelSpecError, match=words):
+    with pytest.raises(modeling.ModelSpecError, match=words):
         models.load(spec)
     assert not (tmp_home / "zoo").exists()
 
@@ -44,7 +45,7 @@ def test_save_pretrained_folder_loads_like_a_hub_model(tmp_path, tokenizer):
     assert torch.allclose(model(ids).logits, loaded(ids).logits)
     assert tok.pad_token is not None
     # the same loader, given a hub-style name, reads the local folder too
-    direct, _ = models.load_pretrained(str(tmp_path / "m"))
+    direct, _ = modeling.load_pretrained(str(tmp_path / "m"))
     assert torch.allclose(model(ids).logits, direct(ids).logits)
 
 
@@ -53,7 +54,7 @@ def test_pickled_weights_are_refused(tmp_path, tokenizer):
     model.save_pretrained(tmp_path / "m", safe_serialization=False)
     for f in (tmp_path / "m").glob("*.safetensors"):
         f.unlink()
-    with pytest.raises(models.ModelSpecError, match="safetensors"):
+    with pytest.raises(modeling.ModelSpecError, match="safetensors"):
         models.load(f"path:{tmp_path / 'm'}")
 
 
@@ -97,7 +98,7 @@ def test_zoo_trains_once_deterministically_and_keeps_checkpoints(tmp_home):
     blocks = D.pack(zoo.corpus(zoo.recipe("tiny", "smoke"), 0)["val/world"], tok, zoo.recipe("tiny", "smoke").seq_len,
                     max_blocks=64)
     assert abs(evaluate_loss(final_model, blocks) - final_loss) < 1e-4  # the saved final is the trained model
-    with pytest.raises(models.ModelSpecError, match="no checkpoint 'step-7'"):
+    with pytest.raises(modeling.ModelSpecError, match="no checkpoint 'step-7'"):
         zoo.load("tiny", 0, step="step-7", profile="smoke")
 
 
@@ -123,7 +124,7 @@ def test_recipe_overrides_are_a_different_cache_entry():
     assert zoo.recipe("base").key() != zoo.recipe("base", n_layer=4).key()
     assert zoo.recipe("base").key() == zoo.recipe("base", n_layer=2).key()
     assert zoo.recipe("base", "smoke").steps < zoo.recipe("base").steps
-    with pytest.raises(models.ModelSpecError, match="did you mean 'n_layer'"):
+    with pytest.raises(modeling.ModelSpecError, match="did you mean 'n_layer'"):
         zoo.recipe("base", n_layers=4)
 
 

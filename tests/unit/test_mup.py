@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ftbook import mup
+from ftbook.methods import mup
 
 
 def _groups(model):

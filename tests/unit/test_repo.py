@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from ftbook import config as C
+from ftbook import specs
 
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((REPO / "chapters").glob("*.ipynb"))
@@ -32,7 +32,7 @@ def test_notebook_anatomy(path):
     assert len(tagged) == 1, "exactly one cell tagged 'parameters'"
     source = "".join(tagged[0]["source"])
     assert re.search(r'^profile = "cpu"', source, re.M) and re.search(r"^seed = 0", source, re.M)
-    spec = C.resolve_chapter(path.stem)  # registered in ftbook.config
+    spec = specs.resolve(path.stem)  # registered in ftbook.config
     for knob in spec.defaults:
         assert re.search(rf"^{knob} = ", source, re.M), f"knob {knob!r} missing from the parameters cell"
     after = "".join(code[code.index(tagged[0]) + 1]["source"])

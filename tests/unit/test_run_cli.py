@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from ftbook import cli, config as C, run
+from ftbook import cli, run
 
 FTBOOK = [sys.executable, "-m", "ftbook.cli"]
 

@@ -16,8 +16,15 @@ import pandas as pd
 import pytest
 import torch
 
-from ftbook.train import (TensorData, TrainConfig, batch_indices, latest_checkpoint, load_checkpoint,
-                          save_checkpoint, train)
+from ftbook.train import (
+    TensorData,
+    TrainConfig,
+    batch_indices,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    train,
+)
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -362,7 +369,8 @@ def test_bench_smoke(tmp_home):
     assert result["ceiling"]["cpu_tokens_per_s"] > 0 and result["arms"]["bare/fp32"]["deterministic"]
     # the bare loop trains the same model: its loss is a language model's, not garbage
     assert 0 < result["arms"]["bare/fp32"]["eval_loss"] < 10
-    assert "ftbook/trainer" in bench.format_tables(result, None) and "bare loop/trainer" in bench.format_tables(result, None)
+    assert "ftbook/trainer" in bench.format_tables(result,
+                                                   None) and "bare loop/trainer" in bench.format_tables(result, None)
 
 
 def test_hand_fused_llama_of_the_model_level_benchmark_is_the_same_model():

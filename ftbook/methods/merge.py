@@ -55,8 +55,8 @@ import math
 import numbers
 import sys
 import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -362,10 +362,10 @@ class TaskVector(Mapping):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __neg__(self) -> "TaskVector":
+    def __neg__(self) -> TaskVector:
         return TaskVector(self.finetuned, self.base, -self.coefficient, _checked=True)
 
-    def __mul__(self, factor: float) -> "TaskVector":
+    def __mul__(self, factor: float) -> TaskVector:
         factor = _number(factor, "factor")
         return TaskVector(self.finetuned, self.base, self.coefficient * factor, _checked=True)
 
@@ -660,7 +660,8 @@ def fisher_merge(state_dicts: Sequence[Mapping], fishers: Sequence[Mapping], *,
         θ*_j = Σ_i w_i F_ij θ_ij / Σ_i w_i F_ij,   F_ij ← max(F_ij, ε)
 
     The floor ε (the reference code floors the Fisher the same way; the default here is 1e-6) makes an entry
-    no model has information about the plain weighted average. Keys without a Fisher in every model (buffers) are averaged with weights w.
+    no model has information about the plain weighted average. Keys without a Fisher in every model (buffers) are
+    averaged with weights w.
     """
     models = _as_list(state_dicts, "state_dicts")
     keys = check_compatible(models, "state_dicts")

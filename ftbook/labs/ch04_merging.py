@@ -1,5 +1,5 @@
 """The model-merging lab of chapter 4: tasks with their own answer vocabularies, ingredients fine-tuned from one
-zoo base, scoring, and the sweeps the chapter plots. The merge *methods* live in :mod:`ftbook.merge`.
+zoo base, scoring, and the sweeps the chapter plots. The merge *methods* live in :mod:`ftbook.methods.merge`.
 
 Why these tasks. Merging adds weight deltas; two tasks interfere when their deltas push the same weights in
 opposite directions — most of all when they share an answer vocabulary and a prompt format (the prototype's four
@@ -19,15 +19,18 @@ language``): the base read both languages in pre-training; a fine-tune in the fi
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from functools import partial
 
 import numpy as np
 import torch
 
-from . import data as D
-from . import merge as M
-from .records import peak_rss_mib  # noqa: F401 (the chapter reads it from here)
+from .. import data as D
+from ..finetune import encode_pairs
+from ..finetune import finetune as finetune_copy
+from ..methods import merge as M
+from ..methods.peft import LORA_TARGETS, with_lora
 
 ANSWER_CUE = "answer :"   # every prompt ends with it: the answer is the next word
 TASK_NAMES = ("facts", "parity", "max", "length")
@@ -52,7 +55,7 @@ class Examples:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def second_language(self) -> "Examples":
+    def second_language(self) -> Examples:
         f = D.to_second_language
         return Examples([f(p) for p in self.prompts], [f(a) for a in self.answers],
                         [[f(c) for c in cs] for cs in self.candidates])
@@ -105,9 +108,7 @@ def chance(examples: Examples) -> float:
 
 
 def encode(examples: Examples, tokenizer, seq_len: int):
-    """Training rows (loss on the answer only), via ``forgetting.encode_pairs``."""
-    from .forgetting import encode_pairs
-
+    """Training rows (loss on the answer only): :func:`ftbook.finetune.encode_pairs`."""
     return encode_pairs(examples.prompts, examples.answers, tokenizer, seq_len)
 
 
@@ -115,7 +116,7 @@ def encode(examples: Examples, tokenizer, seq_len: int):
 def predict(model, tokenizer, examples: Examples, *, batch_size: int = 256) -> np.ndarray:
     """Index of the candidate each row's model ranks first (:func:`ftbook.evaluate.rank_candidates`: one forward
     pass per row when every answer is one token, summed log-probabilities otherwise)."""
-    from .evaluate import rank_candidates
+    from ..evaluate import rank_candidates
 
     return rank_candidates(model, tokenizer, list(examples.prompts),
                            [[" " + c for c in cs] for cs in examples.candidates],
@@ -147,14 +148,10 @@ def mixture(sets: Sequence[Examples], *, seed: int) -> Examples:
 
 def finetune(model, tokenizer, examples: Examples, *, steps: int, lr: float, seed: int, seq_len: int,
              batch_size: int = 16, device: str = "cpu", precision: str = "fp32"):
-    """A fine-tuned copy of ``model`` (``forgetting.finetune``: full fine-tuning, warm-up over the first tenth, then
-    cosine decay; ``seed`` fixes the data order)."""
-    from .forgetting import finetune as _finetune
-
-    tuned, _ = _finetune(model, encode(examples, tokenizer, seq_len), steps=steps, lr=lr, seed=seed,
-                         batch_size=batch_size, warmup_steps=max(1, steps // 10), device=device,
-                         precision=precision, desc=f"fine-tune lr={lr:g}")
-    return tuned
+    """A fine-tuned copy of ``model`` (:func:`ftbook.finetune.finetune`: full fine-tuning, warm-up over the first
+    tenth, then cosine decay; ``seed`` fixes the data order)."""
+    return finetune_copy(model, encode(examples, tokenizer, seq_len), steps=steps, lr=lr, seed=seed,
+                         batch_size=batch_size, device=device, precision=precision, desc=f"fine-tune lr={lr:g}")
 
 
 def fact_questions(world: D.World, split: str = "test", n: int | None = None, *, seed: int = 0) -> Examples:
@@ -179,21 +176,17 @@ def fact_questions(world: D.World, split: str = "test", n: int | None = None, *,
 # --- experiment helpers ------------------------------------------------------------------------------------
 def lora_finetune(model, tokenizer, examples: Examples, *, rank: int, steps: int, lr: float, seed: int,
                   seq_len: int, batch_size: int = 16, device: str = "cpu", precision: str = "fp32"):
-    """A LoRA fine-tune of a copy of ``model`` (``forgetting.finetune`` with ``rank``; all linear layers of a
+    """A LoRA fine-tune of a copy of ``model`` (:func:`ftbook.methods.peft.with_lora`: all linear layers of a
     Llama/Qwen block), returned as a full state dict with ``B A`` folded in (``merge.lora_state_dict``): a LoRA
     task vector is then ``folded − θ₀``, and every merge applies."""
-    from .forgetting import finetune as _finetune
-
-    tuned, _ = _finetune(model, encode(examples, tokenizer, seq_len), steps=steps, lr=lr, seed=seed, rank=rank,
-                         batch_size=batch_size, warmup_steps=max(1, steps // 10), device=device,
-                         precision=precision, desc=f"LoRA r={rank}")
+    tuned = finetune_copy(model, encode(examples, tokenizer, seq_len), steps=steps, lr=lr, seed=seed,
+                          batch_size=batch_size, device=device, precision=precision, desc=f"LoRA r={rank}",
+                          prepare=partial(with_lora, rank=rank, seed=seed))
     return M.lora_state_dict(tuned)
 
 
 def has_lora_targets(model) -> bool:
-    """Whether ``model`` has the Llama/Qwen projection layers ``forgetting.with_lora`` adapts."""
-    from .forgetting import LORA_TARGETS
-
+    """Whether ``model`` has the Llama/Qwen projection layers :func:`ftbook.methods.peft.with_lora` adapts."""
     return any(name.split(".")[-1] in LORA_TARGETS for name, _ in model.named_modules())
 
 
@@ -235,7 +228,8 @@ def wise_curve(work, tokenizer, theta_0: Mapping, theta_1: Mapping, alphas: Sequ
 
     rows = []
     for alpha in alphas:
-        rows.append({"alpha": float(alpha), **evaluate_state(work, M.interpolate(theta_0, theta_1, alpha), tokenizer, sets)})
+        rows.append({"alpha": float(alpha), **evaluate_state(work, M.interpolate(theta_0, theta_1, alpha), tokenizer,
+                                                             sets)})
     return pd.DataFrame(rows)
 
 
@@ -291,7 +285,7 @@ def negation_scaling(work, tokenizer, model_state: Mapping, tau: Mapping, grid: 
 def load_base(spec: str, seed: int, *, profile: str):
     """``(model, tokenizer, world)`` of the chapter's base: a zoo model with the world it was pre-trained on, or a
     hub / local model (gpu) with the world of seed ``seed`` (its facts are then new to the model)."""
-    from . import models, zoo
+    from .. import models, zoo
 
     if spec.startswith("zoo:"):
         name = spec[4:]
@@ -307,7 +301,7 @@ def pretrain_other_init(spec: str, model_spec: str, seed: int, *, profile: str, 
     """Pre-train (and cache) the control base of :func:`other_init` if it is a zoo model not cached yet — a job
     for a worker process beside the chapter's main work (:class:`ftbook.parallel.Pool`); a no-op otherwise."""
     if spec == "zoo:other-seed" and model_spec.startswith("zoo:"):
-        from . import zoo
+        from .. import zoo
 
         zoo.pretrain(model_spec[4:], (seed + 1) % n_seeds, profile=profile, progress=False)
 

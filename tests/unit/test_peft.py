@@ -1,16 +1,16 @@
-"""ftbook.adapt: every PEFT method on a tiny classifier — what it trains, how it saves, how it fails."""
+"""ftbook.methods.peft: every PEFT method on a tiny classifier — what it trains, how it saves, how it fails."""
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from ftbook import adapt as A
-from ftbook import models
-from ftbook.config import ConfigError, make
+from ftbook import hub, modeling, specs
+from ftbook.config import ConfigError
+from ftbook.labs import ch02_adapters as A
+from ftbook.methods import peft as P
 
 VOCAB, WIDTH, LAYERS, CLASSES, PAD = 40, 32, 2, 3, 0
 
@@ -20,8 +20,8 @@ def base_folder(tmp_path_factory):
     """A tiny pre-trained-looking causal LM saved as a folder, as the zoo writes them."""
     torch.set_num_threads(1)
     folder = tmp_path_factory.mktemp("base")
-    config = models.tiny_config("llama", vocab_size=VOCAB, n_layer=LAYERS, d_model=WIDTH, max_len=64)
-    models.from_config(config, seed=123).save_pretrained(folder, safe_serialization=True)
+    config = modeling.tiny_config("llama", vocab_size=VOCAB, n_layer=LAYERS, d_model=WIDTH, max_len=64)
+    modeling.from_config(config, seed=123).save_pretrained(folder, safe_serialization=True)
     return folder
 
 
@@ -54,26 +54,26 @@ def perturb(model, seed=1):
 
 # --- what each method trains ---------------------------------------------------------------------
 def _linears_in_blocks(model):
-    return [m for block in A._decoder_layers(model) for m in block.modules() if isinstance(m, torch.nn.Linear)]
+    return [m for block in P._decoder_layers(model) for m in block.modules() if isinstance(m, torch.nn.Linear)]
 
 
 def test_bitfit_trains_exactly_the_biases_and_the_head(base_folder):
     model = fresh(base_folder)
     expected_biases = sum(m.out_features for m in _linears_in_blocks(model))  # Llama has none: all added
     head = model.score.weight.numel()
-    adapted = A.apply(model, "bitfit")
-    trainable, total = A.count_trainable(adapted)
+    adapted = P.apply(model, "bitfit")
+    trainable, total = P.count_trainable(adapted)
     assert trainable == expected_biases + head
     names = [n for n, p in adapted.named_parameters() if p.requires_grad]
     assert all(n.endswith(".bias") or n.startswith("score.") for n in names)
-    assert total == models.count_parameters(fresh(base_folder)) + expected_biases
+    assert total == modeling.count_parameters(fresh(base_folder)) + expected_biases
 
 
 def test_bottleneck_adds_two_adapters_per_block_with_the_right_size(base_folder):
     size = 5
-    adapted = A.apply(fresh(base_folder), "bottleneck", bottleneck_size=size)
+    adapted = P.apply(fresh(base_folder), "bottleneck", bottleneck_size=size)
     per_adapter = (WIDTH * size + size) + (size * WIDTH + WIDTH)  # down (+bias), up (+bias)
-    trainable, _ = A.count_trainable(adapted)
+    trainable, _ = P.count_trainable(adapted)
     assert trainable == 2 * LAYERS * per_adapter + adapted.score.weight.numel()
     assert len([n for n, _ in adapted.named_modules() if n.endswith(".adapter")]) == 2 * LAYERS
 
@@ -84,20 +84,20 @@ def test_a_fresh_adapter_leaves_the_function_unchanged(base_folder, method):
     as the pre-trained one — fine-tuning starts where pre-training stopped."""
     b = batch()
     before = logits(fresh(base_folder), b)
-    after = logits(A.apply(fresh(base_folder), method), b)
+    after = logits(P.apply(fresh(base_folder), method), b)
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
 
 
 def test_head_only_and_full(base_folder):
-    head = A.apply(fresh(base_folder), "head")
+    head = P.apply(fresh(base_folder), "head")
     assert [n for n, p in head.named_parameters() if p.requires_grad] == ["score.weight"]
-    full = A.apply(fresh(base_folder), "full")
-    assert A.count_trainable(full)[0] == A.count_trainable(full)[1]
+    full = P.apply(fresh(base_folder), "full")
+    assert P.count_trainable(full)[0] == P.count_trainable(full)[1]
 
 
 def test_lora_trains_under_three_percent_here_and_its_count_is_r_times_in_plus_out(base_folder):
     rank = 4
-    adapted = A.apply(fresh(base_folder), "lora", rank=rank)
+    adapted = P.apply(fresh(base_folder), "lora", rank=rank)
     lora = sum(p.numel() for n, p in adapted.named_parameters() if p.requires_grad and "lora_" in n)
     assert lora == LAYERS * 2 * rank * (WIDTH + WIDTH)  # q_proj and v_proj, WIDTH -> WIDTH each
 
@@ -106,7 +106,7 @@ def test_lora_trains_under_three_percent_here_and_its_count_is_r_times_in_plus_o
 def test_prompt_methods_change_the_output_and_get_gradients(base_folder, method):
     b = batch()
     base_out = logits(fresh(base_folder), b)
-    adapted = A.apply(fresh(base_folder), method, virtual_tokens=3)
+    adapted = P.apply(fresh(base_folder), method, virtual_tokens=3)
     assert not torch.allclose(logits(adapted, b), base_out, atol=1e-4)  # the prefix is really used
     adapted.train()
     A.classification_loss(adapted, b).backward()
@@ -120,37 +120,37 @@ def test_peft_methods_save_standard_peft_folders_and_reload_with_peft(base_folde
     import peft
 
     b = batch()
-    adapted = A.apply(fresh(base_folder), method, virtual_tokens=3)
+    adapted = P.apply(fresh(base_folder), method, virtual_tokens=3)
     perturb(adapted)
     expected = logits(adapted, b)
-    folder = A.save_adapter(adapted, tmp_path / method)
+    folder = P.save_adapter(adapted, tmp_path / method)
     assert (folder / "adapter_config.json").is_file() and (folder / "adapter_model.safetensors").is_file()
     assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == method.upper().replace(
         "PREFIX", "PREFIX_TUNING").replace("PROMPT", "PROMPT_TUNING").replace("LN", "LN_TUNING")
     base = fresh(base_folder)
     if method == "prefix":
-        A._accept_past_key_values(base)
+        P._accept_past_key_values(base)
     reloaded = peft.PeftModel.from_pretrained(base, str(folder))  # plain peft, no ftbook
     torch.testing.assert_close(logits(reloaded, b), expected)
-    torch.testing.assert_close(logits(A.load_adapter(fresh(base_folder), folder), b), expected)
+    torch.testing.assert_close(logits(P.load_adapter(fresh(base_folder), folder), b), expected)
 
 
 @pytest.mark.parametrize("method", ["bitfit", "bottleneck", "head"])
 def test_hand_written_methods_save_and_reload(base_folder, tmp_path, method):
     b = batch()
-    adapted = A.apply(fresh(base_folder), method)
+    adapted = P.apply(fresh(base_folder), method)
     perturb(adapted)
-    folder = A.save_adapter(adapted, tmp_path / method)
+    folder = P.save_adapter(adapted, tmp_path / method)
     assert {p.name for p in folder.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
-    torch.testing.assert_close(logits(A.load_adapter(fresh(base_folder), folder), b), logits(adapted, b))
+    torch.testing.assert_close(logits(P.load_adapter(fresh(base_folder), folder), b), logits(adapted, b))
 
 
 def test_merged_lora_gives_the_same_outputs(base_folder):
     b = batch()
-    adapted = A.apply(fresh(base_folder), "lora", rank=4)
+    adapted = P.apply(fresh(base_folder), "lora", rank=4)
     perturb(adapted)
     expected = logits(adapted, b)
-    merged = A.merge(adapted)
+    merged = P.merge(adapted)
     assert not any("lora_" in n for n, _ in merged.named_parameters())
     assert type(merged).__name__ == "LlamaForSequenceClassification"
     torch.testing.assert_close(logits(merged, b), expected, atol=1e-5, rtol=1e-5)
@@ -171,7 +171,7 @@ def test_bad_knobs_raise_one_config_error_naming_the_parameter(base_folder, knob
     model = fresh(base_folder)
     before = {n: p.clone() for n, p in model.state_dict().items()}
     with pytest.raises(ConfigError) as info:
-        A.apply(model, knobs.pop("method"), **knobs)
+        P.apply(model, knobs.pop("method"), **knobs)
     assert info.value.parameter == parameter
     after = model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
@@ -180,32 +180,34 @@ def test_bad_knobs_raise_one_config_error_naming_the_parameter(base_folder, knob
 
 def test_unknown_method_suggests_the_right_name(base_folder):
     with pytest.raises(ConfigError, match="did you mean 'bitfit'"):
-        A.apply(fresh(base_folder), "bitfti")
+        P.apply(fresh(base_folder), "bitfti")
 
 
 def test_missing_target_module_suggests_a_real_one(base_folder):
     with pytest.raises(ConfigError, match="did you mean 'q_proj'"):
-        A.apply(fresh(base_folder), "lora", target_modules=("q_prj",))
+        P.apply(fresh(base_folder), "lora", target_modules=("q_prj",))
 
 
-@pytest.mark.parametrize("knob, value", [("lora_rank", 0), ("lora_ranks", "0,4"), ("methods", "full,head,lora,bitfit,lorax"),
+@pytest.mark.parametrize("knob, value", [("lora_rank", 0), ("lora_ranks", "0,4"),
+                                         ("methods", "full,head,lora,bitfit,lorax"),
                                          ("method_lrs", "full=1e-3"), ("bottleneck_size", 0), ("virtual_tokens", -1),
                                          ("sentiment_model", "bert"), ("task", "maxx"),
                                          ("sentiment_pooling", "maen"), ("workers", 0), ("data_seeds", 0),
                                          ("hard_test_examples", 2)])
 def test_chapter_knobs_are_validated(knob, value):
     with pytest.raises(ConfigError) as info:
-        make("02_adapters", profile="smoke", **{knob: value})
+        specs.make("02_adapters", profile="smoke", **{knob: value})
     assert info.value.parameter == knob
 
 
 @pytest.mark.parametrize("knob, value, words", [("task", "maxx", "unknown rule 'maxx' — did you mean 'max'?"),
                                                 ("methods", "full,head,lora,bitfit,lorax", "did you mean 'lora'?"),
-                                                ("method_lrs", "ful=1e-3", "unknown method 'ful' — did you mean 'full'?"),
+                                                ("method_lrs", "ful=1e-3",
+                                                 "unknown method 'ful' — did you mean 'full'?"),
                                                 ("sentiment_pooling", "maen", "did you mean 'mean'?")])
 def test_unknown_names_suggest_the_closest_known_one(knob, value, words):
     with pytest.raises(ConfigError, match=words):
-        make("02_adapters", profile="smoke", **{knob: value})
+        specs.make("02_adapters", profile="smoke", **{knob: value})
 
 
 # --- the classification setting ----------------------------------------------------------------------
@@ -231,7 +233,7 @@ def test_fine_tune_learns_a_separable_task_and_is_deterministic(base_folder):
     test = A.encode_classification(texts[64:], labels[64:], Tok(), 8)
     assert np.asarray(data["input_ids"]).shape == (64, 8) and np.asarray(data["labels"]).shape == (64, 1)
     cfg = TrainConfig(steps=40, lr=1e-2, batch_size=16, seed=0, progress=False, log_every=10)
-    runs = [A.fine_tune(fresh(base_folder), A.MethodConfig("lora", rank=2), data, data, cfg) for _ in range(2)]
+    runs = [A.fine_tune(fresh(base_folder), P.MethodConfig("lora", rank=2), data, data, cfg) for _ in range(2)]
     assert runs[0].accuracy == runs[1].accuracy
     assert runs[0].history.train_loss.tolist() == runs[1].history.train_loss.tolist()
     assert runs[0].history.train_loss.iloc[-1] < runs[0].history.train_loss.iloc[0]
@@ -281,10 +283,10 @@ def test_right_padding_keeps_the_first_and_last_special_tokens():
 
 def test_hub_models_and_data_refuse_to_load_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(models.ModelSpecError, match="offline"):
+    with pytest.raises(modeling.ModelSpecError, match="offline"):
         A.load_classifier("hf:FacebookAI/roberta-base", 2)
-    with pytest.raises(models.ModelSpecError, match="offline"):
-        A.glue_texts("hf:nyu-mll/glue@sst2", "train", 10, seed=0)
+    with pytest.raises(modeling.ModelSpecError, match="offline"):
+        hub.labelled_texts("hf:nyu-mll/glue@sst2", "train", 10, seed=0)
 
 
 # --- encoders: mean pooling (sentence-transformers) and the cheap head-only run ---------------------------
@@ -341,11 +343,11 @@ def test_mean_pooling_classifier_reads_the_mean_and_works_with_peft(encoder_fold
                               atol=1e-5)
     b = {"input_ids": ids, "attention_mask": mask}
     for method in ("lora", "bitfit"):
-        adapted = A.apply(encoder(encoder_folder), method)
+        adapted = P.apply(encoder(encoder_folder), method)
         assert torch.allclose(logits(adapted, b), expected, atol=1e-5)  # a fresh adapter starts as the model
         perturb(adapted)
-        A.save_adapter(adapted, tmp_path / method)
-        again = A.load_adapter(encoder(encoder_folder), tmp_path / method)
+        P.save_adapter(adapted, tmp_path / method)
+        again = P.load_adapter(encoder(encoder_folder), tmp_path / method)
         assert torch.allclose(logits(again, b), logits(adapted, b), atol=1e-5)
 
 
@@ -387,7 +389,7 @@ def test_fine_tune_loaded_is_fine_tune_of_the_loaded_model(encoder_folder):
 
     data = _separable(32, 1)
     cfg = TrainConfig(steps=4, lr=1e-2, batch_size=8, seed=0, progress=False)
-    via_spec = A.fine_tune_loaded(f"path:{encoder_folder}", 2, A.MethodConfig("bitfit"), data, data, cfg)
-    direct = A.fine_tune(encoder(encoder_folder), A.MethodConfig("bitfit"), data, data, cfg)
+    via_spec = A.fine_tune_loaded(f"path:{encoder_folder}", 2, P.MethodConfig("bitfit"), data, data, cfg)
+    direct = A.fine_tune(encoder(encoder_folder), P.MethodConfig("bitfit"), data, data, cfg)
     assert via_spec.accuracy == direct.accuracy
     assert via_spec.history.train_loss.tolist() == direct.history.train_loss.tolist()

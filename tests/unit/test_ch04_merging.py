@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from ftbook import config as C
 from ftbook import data as D
-from ftbook import merge as M
-from ftbook import merge_lab as L
-from ftbook import models
+from ftbook import modeling, records, specs
+from ftbook.config import ConfigError
+from ftbook.labs import ch04_merging as L
+from ftbook.methods import merge as M
 
 WORLD = D.World(seed=0, n_entities=16)
 
@@ -18,7 +18,8 @@ def tokenizer(tmp_path_factory):
 
 
 def _model(tokenizer, seed=0):
-    return models.from_config(models.tiny_config("llama", vocab_size=len(tokenizer), n_layer=1, d_model=32), seed=seed)
+    return modeling.from_config(modeling.tiny_config("llama", vocab_size=len(tokenizer), n_layer=1, d_model=32),
+                                seed=seed)
 
 
 # --- tasks -----------------------------------------------------------------------------------------------
@@ -105,7 +106,7 @@ def test_pick_on_validation_keeps_the_best_grid_value():
     def make(x):
         calls.append(x)
         return {"x": x}
-    import ftbook.merge_lab as lab
+    import ftbook.labs.ch04_merging as lab
     original = lab.evaluate_state
     try:
         lab.evaluate_state = lambda work, state, tok, sets: {k: 1 - abs(state["x"] - 0.5) for k in sets}
@@ -162,24 +163,24 @@ def test_stat_batches_feed_fisher_and_grams(tokenizer):
 
 
 def test_peak_rss_is_positive():
-    assert L.peak_rss_mib() > 10
+    assert records.peak_rss_mib() > 10
 
 
 # --- knobs -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("knob, value, words", [
-    ("tasks", "facts,sort", "unknown task"), ("tasks", "parity,max", "facts"), ("tasks", "facts", "at least two"),
+    ("tasks", "facts,sort", "unknown task"), ("tasks", "parity,max", "facts"), ("tasks", "facts", "at least 2"),
     ("alphas", "0.2,0.5,1", "start at 0"), ("alphas", "0,1.5,1", "increasing"), ("drop_rates", "0,1", "0.999"),
-    ("soup_lrs", "1e-3", "at least two"), ("lr", 0.0, "positive"), ("ties_density", 1.0, "between 0 and 1"),
+    ("soup_lrs", "1e-3", "at least 2"), ("lr", 0.0, "positive"), ("ties_density", 1.0, "between 0 and 1"),
     ("steps", 0, "at least 1"), ("model", "gpt2", "zoo:base"), ("other_init", "other", "zoo:base"),
 ])
 def test_bad_knobs_fail_with_one_clear_error(knob, value, words):
-    with pytest.raises(C.ConfigError, match=knob) as info:
-        C.make("04_merging", profile="cpu", seed=0, **{knob: value})
+    with pytest.raises(ConfigError, match=knob) as info:
+        specs.make("04_merging", profile="cpu", seed=0, **{knob: value})
     assert words in str(info.value)
 
 
 def test_profiles_resolve():
-    cpu, smoke, gpu = (C.make("04_merging", profile=p, seed=0) for p in ("cpu", "smoke", "gpu"))
+    cpu, smoke, gpu = (specs.make("04_merging", profile=p, seed=0) for p in ("cpu", "smoke", "gpu"))
     assert cpu.model == smoke.model == "zoo:base" and gpu.model.startswith("hf:")
     assert smoke.steps < cpu.steps
 

@@ -20,16 +20,15 @@ from __future__ import annotations
 
 import copy
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 
-from . import data as D
+from .. import data as D
 
 GENERAL_DOMAINS = ("nyt_editorials", "tweets", "amazon_reviews", "movie_reviews", "chatterbot")
 UNRELATED_DOMAIN = "jargon"
-QA_TEMPLATE = "q : {question} a :"
 
 
 # --- domains -----------------------------------------------------------------------------------------
@@ -50,35 +49,20 @@ def specialist_documents(world: D.World, n_docs: int, *, seed: int, task_fractio
 
 def general_texts(split: str, names: Sequence[str] = GENERAL_DOMAINS, *, seed: int = 0) -> list[str]:
     """Domain A: the real-text corpora of ``names`` (their ``split``), interleaved in a seeded order."""
-    from . import corpora
+    from .. import corpora
 
     texts = [t for name in names for t in corpora.texts(name, split)]
     random.Random(f"general-{split}-{seed}").shuffle(texts)
     return texts
 
 
-def hub_texts(spec: str, split: str, *, max_docs: int | None = None, min_chars: int = 40) -> list[str]:
-    """Documents of a hub dataset ``hf:org/name@config`` (its ``text`` column; the ``gpu`` profile's domain A)."""
-    import datasets
-
-    if not spec.startswith("hf:"):
-        raise ValueError(f"a hub dataset spec looks like 'hf:org/name@config', got {spec!r}")
-    name, _, config = spec[3:].partition("@")
-    rows = datasets.load_dataset(name, config or None, split=split)
-    out = []
-    for text in rows["text"]:
-        if len(text.strip()) >= min_chars:
-            out.append(text.strip())
-            if max_docs is not None and len(out) >= max_docs:
-                break
-    return out
-
-
 def general_domain(spec: str, split: str, *, seed: int = 0, max_docs: int | None = None) -> list[str]:
-    """Domain A's documents: ``'vader'`` = the shipped real-text mix, else a hub dataset (see :func:`hub_texts`)."""
+    """Domain A's documents: ``'vader'`` = the shipped real-text mix, else a hub dataset (:func:`ftbook.hub.texts`)."""
     if spec == "vader":
         return general_texts(split, seed=seed)[:max_docs]
-    return hub_texts(spec, split, max_docs=max_docs)
+    from .. import hub
+
+    return hub.texts(spec, split, max_docs=max_docs)
 
 
 # --- replay --------------------------------------------------------------------------------------------
@@ -139,7 +123,7 @@ def arm_config(arm: Arm, *, steps: int, peak_lr: float, min_lr: float, rewarm_st
     No re-warm: the pre-training run's final (minimum) lr, held constant. Re-warm: linear warm-up from ~0 to
     the pre-training peak over ``rewarm_steps``, then cosine re-decay to the same minimum (Ibrahim et al.).
     """
-    from .train import TrainConfig
+    from ..train import TrainConfig
 
     if arm.rewarm:
         return TrainConfig(steps=steps, lr=peak_lr, warmup_steps=rewarm_steps, schedule="cosine",
@@ -170,9 +154,10 @@ class LossTracker:
 
     def __call__(self, step: int, model) -> None:
         if step in self.steps:
-            from .train import evaluate_loss
+            from ..train import evaluate_loss
 
-            self.rows.append({"step": step, **{name: evaluate_loss(model, data) for name, data in self.eval_sets.items()}})
+            self.rows.append({"step": step, **{name: evaluate_loss(model, data) for name,
+                                               data in self.eval_sets.items()}})
 
     def frame(self):
         import pandas as pd
@@ -183,7 +168,7 @@ class LossTracker:
 def continue_pretraining(base, data, train_config, eval_sets: dict, eval_steps: Sequence[int] | None = None):
     """Train a *copy* of ``base`` on ``data``; returns ``(model, curve)`` where ``curve`` has one row per step in
     ``eval_steps`` (default: :func:`eval_schedule`) and one column per eval set."""
-    from .train import train
+    from ..train import train
 
     model = copy.deepcopy(base)
     tracker = LossTracker(model, eval_sets, eval_steps if eval_steps is not None else eval_schedule(train_config.steps))
@@ -195,24 +180,12 @@ def continue_pretraining(base, data, train_config, eval_sets: dict, eval_steps: 
 
 def pretrain_from_scratch(model_config, data, train_config):
     """A fresh model of ``model_config`` (initialised from ``train_config.seed``) trained on ``data``."""
-    from .models import from_config
-    from .train import train
+    from ..modeling import from_config
+    from ..train import train
 
     model = from_config(model_config, seed=train_config.seed)
     train(model, data, train_config)
     return model
-
-
-def ensure_book_tokens(model, tokenizer):
-    """Give a hub tokenizer the book's pad and chat tokens (and the model rows for them) if it lacks them."""
-    missing = [t for t in (D.PAD, D.USER, D.ASSISTANT, D.END) if t not in tokenizer.get_vocab()]
-    if D.EOS not in tokenizer.get_vocab():
-        missing.append(D.EOS)
-    if missing:
-        tokenizer.add_special_tokens({"additional_special_tokens": missing})
-        model.resize_token_embeddings(len(tokenizer))
-    tokenizer.pad_token = D.PAD
-    return model, tokenizer
 
 
 # --- the stability gap ---------------------------------------------------------------------------------
@@ -268,26 +241,21 @@ def knowledge_task(world: D.World, n_entities: int, *, seed: int, train_fraction
     return KnowledgeTask(entities, stated[:n_train], stated[n_train:], unstated)
 
 
-def qa_pairs(facts: Sequence[D.Fact]) -> list[tuple[str, str]]:
-    """(question, answer) for every fact in every question phrasing."""
-    return [(q.format(e=f.entity), f.value) for f in facts for q in D.QUESTIONS[f.attribute]]
-
-
 def encode_qa(facts: Sequence[D.Fact], tokenizer, seq_len: int):
     """Fine-tuning rows ``q : <question> a : <answer>`` with the loss on the answer only."""
-    return D.encode_instructions(qa_pairs(facts), tokenizer, seq_len,
-                                 template=lambda question: QA_TEMPLATE.format(question=question))
+    return D.encode_instructions(D.question_pairs(facts), tokenizer, seq_len,
+                                 template=lambda question: D.QA_PROMPT.format(question=question))
 
 
 def qa_accuracy(model, tokenizer, facts: Sequence[D.Fact]) -> float:
     """Share of (fact, phrasing) questions whose true value the model ranks first among the attribute's values."""
-    from .evaluate import continuation_logprobs
+    from ..evaluate import continuation_logprobs
 
     prompts, continuations, owner = [], [], []
     for k, f in enumerate(facts):
         for q in D.QUESTIONS[f.attribute]:
             for v in D.ATTRIBUTES[f.attribute]:
-                prompts.append(QA_TEMPLATE.format(question=q.format(e=f.entity)))
+                prompts.append(D.QA_PROMPT.format(question=q.format(e=f.entity)))
                 continuations.append(" " + v)
                 owner.append((k, q, v))
     if not prompts:
@@ -317,11 +285,9 @@ def task_documents(world: D.World, entities: Sequence[str], n_docs: int, *, seed
 def finetune_and_score(model, tokenizer, task: KnowledgeTask, *, steps: int, lr: float, batch_size: int,
                        seq_len: int, seed: int, progress: bool = False, desc: str = "fine-tune") -> dict:
     """Fine-tune a *copy* of ``model`` on the task's labelled questions; accuracy on train / test / unstated."""
-    from .train import TrainConfig, train
+    from ..finetune import finetune
 
-    tuned = copy.deepcopy(model)
-    cfg = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, warmup_steps=max(1, steps // 10),
-                      schedule="cosine", seed=seed, progress=progress, desc=desc)
-    train(tuned, encode_qa(task.train, tokenizer, seq_len), cfg)
+    tuned = finetune(model, encode_qa(task.train, tokenizer, seq_len), steps=steps, lr=lr, seed=seed,
+                     batch_size=batch_size, progress=progress, desc=desc)
     return {"train": qa_accuracy(tuned, tokenizer, task.train), "test": qa_accuracy(tuned, tokenizer, task.test),
             "unstated": qa_accuracy(tuned, tokenizer, task.unstated) if task.unstated else float("nan")}

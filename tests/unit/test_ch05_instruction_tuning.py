@@ -1,14 +1,15 @@
 import pytest
 import torch
 
-from ftbook import config as C
 from ftbook import data as D
-from ftbook import instruct as I
-from ftbook import models
-from ftbook.checkpoints import Example, sample_examples
-
+from ftbook import modeling, specs
 
 # --- the chat template and the loss mask ------------------------------------------------------------------
+from ftbook.config import ConfigError
+from ftbook.data import Example, sample_examples
+from ftbook.labs import ch05_instruction_tuning as I
+
+
 def test_template_uses_the_tokenizers_own_chat_tokens(tokenizer):
     template = I.ChatTemplate(tokenizer)
     assert template.native and template.prompt("sort 3 1 .") == D.chat_prompt("sort 3 1 .")
@@ -213,7 +214,8 @@ def test_family_orders_start_with_different_families():
 # --- tuning and scoring end to end, tiny ---------------------------------------------------------------------------
 def test_tuning_teaches_a_tiny_model_the_format(tokenizer):
     torch.set_num_threads(1)
-    model = models.from_config(models.tiny_config("llama", vocab_size=len(tokenizer), n_layer=1, d_model=32), seed=0)
+    model = modeling.from_config(modeling.tiny_config("llama", vocab_size=len(tokenizer), n_layer=1, d_model=32),
+                                 seed=0)
     examples = sample_examples("max", 8, seed=0, split="test")
     before = I.score(model, tokenizer, examples, style="answer", max_new_tokens=4)
     pairs = I.tuning_pairs(["max"], 64, seed=0, style="answer")
@@ -231,7 +233,8 @@ def test_an_arm_runs_as_a_picklable_job_on_the_workers_base(tokenizer):
     from ftbook import parallel
 
     torch.set_num_threads(1)
-    model = models.from_config(models.tiny_config("llama", vocab_size=len(tokenizer), n_layer=1, d_model=32), seed=0)
+    model = modeling.from_config(modeling.tiny_config("llama", vocab_size=len(tokenizer), n_layer=1, d_model=32),
+                                 seed=0)
     state = parallel.worker_state()
     state.clear()
     state.update(base=model.eval(), tokenizer=tokenizer, template=I.ChatTemplate(tokenizer))
@@ -264,13 +267,13 @@ def test_an_arm_runs_as_a_picklable_job_on_the_workers_base(tokenizer):
     (dict(workers=0), "workers"),
 ])
 def test_bad_knobs_raise_one_config_error_naming_the_parameter(overrides, parameter):
-    with pytest.raises(C.ConfigError) as err:
-        C.make("05_instruction_tuning", **overrides)
+    with pytest.raises(ConfigError) as err:
+        specs.make("05_instruction_tuning", **overrides)
     assert err.value.parameter == parameter
 
 
 def test_profiles_resolve_and_gpu_points_at_the_hub():
-    cpu, smoke, gpu = (C.make("05", profile=p) for p in ("cpu", "smoke", "gpu"))
+    cpu, smoke, gpu = (specs.make("05", profile=p) for p in ("cpu", "smoke", "gpu"))
     assert cpu.model == smoke.model == "zoo:base" and gpu.model.startswith("hf:")
     assert smoke.steps < cpu.steps and gpu.instructions.startswith("hf:")
     assert cpu.workers == 2 and smoke.workers == gpu.workers == 1   # cuda and forked workers do not mix
@@ -290,8 +293,10 @@ def test_held_out_attribute_pairs_tune_on_the_others_and_test_its_seen_facts():
 
 
 def test_knowledge_scores_tell_right_answers_from_another_attributes_values():
-    pairs = [("what pet does ka have ?", "cat"), ("what pet does lo have ?", "dog"), ("what pet does mi have ?", "cat")]
-    outputs = [f" cat {D.END}", f" paris {D.END} ...", " cat and more"]   # right, a city, never closed (still "cat and more")
+    pairs = [("what pet does ka have ?", "cat"), ("what pet does lo have ?", "dog"), ("what pet does mi have ?",
+                                                                                      "cat")]
+    outputs = [f" cat {D.END}", f" paris {D.END} ...",
+               " cat and more"]   # right, a city, never closed (still "cat and more")
     scores = I.knowledge_scores(outputs, pairs)
     assert scores["correct"] == pytest.approx(1 / 3)
     assert scores["another attribute's value"] == pytest.approx(1 / 3)

@@ -1,14 +1,13 @@
-import random
 
 import numpy as np
 import pytest
 import torch
 
-from ftbook import checkpoints as K
-from ftbook import config as C
 from ftbook import data as D
 from ftbook import evaluate as E
-from ftbook import models
+from ftbook import models, specs
+from ftbook.config import ConfigError
+from ftbook.labs import ch08_pretraining_checkpoints as K
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -33,30 +32,30 @@ def tiny(tokenizer):
 
 
 def test_native_templates_ask_for_the_answer_after_every_argument():
-    assert K.native_templates("max") == ["of the numbers {xs} the largest is", "among {xs} ,"]
+    assert D.native_templates("max") == ["of the numbers {xs} the largest is", "among {xs} ,"]
     # "{x} shows up {answer} times in {xs}" would ask before showing the list: left out
-    assert K.native_templates("count") == ["in {xs} the number {x} appears"]
-    assert K.native_templates("length") == ["the list {xs} has"]
+    assert D.native_templates("count") == ["in {xs} the number {x} appears"]
+    assert D.native_templates("length") == ["the list {xs} has"]
     for family in ("parity", "first", "last", "min", "add", "count", "successor"):
-        for template in K.native_templates(family):
+        for template in D.native_templates(family):
             assert "{answer}" not in template
 
 
 def test_examples_are_seeded_and_their_answers_are_candidates():
-    a = K.sample_examples("count", 20, seed=3, split="test")
-    b = K.sample_examples("count", 20, seed=3, split="test")
-    c = K.sample_examples("count", 20, seed=3, split="train")
+    a = D.sample_examples("count", 20, seed=3, split="test")
+    b = D.sample_examples("count", 20, seed=3, split="test")
+    c = D.sample_examples("count", 20, seed=3, split="train")
     assert a == b and a != c
     for family in ("parity", "first", "max", "length", "count", "add", "successor"):
-        for ex in K.sample_examples(family, 50, seed=0, split="x"):
-            assert ex.answer in K.answer_candidates(family)
+        for ex in D.sample_examples(family, 50, seed=0, split="x"):
+            assert ex.answer in D.answer_candidates(family)
             assert ex.answer not in ex.native_prompt(0).split()[-1:]  # the cloze stops before the answer
     with pytest.raises(ValueError, match="no closed answer set"):
-        K.answer_candidates("sort")
+        D.answer_candidates("sort")
 
 
 def test_instruction_rows_use_only_the_asked_wordings():
-    examples = K.sample_examples("max", 40, seed=0, split="train")
+    examples = D.sample_examples("max", 40, seed=0, split="train")
     rows = K.instruction_rows(examples, (3, 4), seed=0)
     heads = {D.TASKS["max"].instructions[p].split("{")[0] for p in (3, 4)}
     assert all(any(q.startswith(h) for h in heads) for q, _ in rows)
@@ -64,9 +63,9 @@ def test_instruction_rows_use_only_the_asked_wordings():
 
 
 def test_fast_single_token_scores_equal_full_continuation_scores(tokenizer, tiny):
-    cands = K.answer_candidates("max")
+    cands = D.answer_candidates("max")
     assert all(len(tokenizer(" " + c, add_special_tokens=False)["input_ids"]) == 1 for c in cands)
-    examples = K.sample_examples("max", 6, seed=0, split="test")
+    examples = D.sample_examples("max", 6, seed=0, split="test")
     prompts = [D.chat_prompt(ex.instruction(0)) for ex in examples] + [ex.native_prompt(1) for ex in examples]
     fast = K.candidate_scores(tiny, tokenizer, prompts, cands, batch_size=4)
     slow = E.continuation_logprobs(tiny, tokenizer, [p for p in prompts for _ in cands],
@@ -75,22 +74,22 @@ def test_fast_single_token_scores_equal_full_continuation_scores(tokenizer, tiny
 
 
 def test_ranked_accuracy_counts_the_top_candidate(tokenizer, tiny):
-    examples = K.sample_examples("first", 30, seed=0, split="test")
+    examples = D.sample_examples("first", 30, seed=0, split="test")
     prompts = [ex.native_prompt(0) for ex in examples]
-    scores = K.candidate_scores(tiny, tokenizer, prompts, K.answer_candidates("first"))
-    top = [K.answer_candidates("first")[i] for i in scores.argmax(1)]
-    acc = K.ranked_accuracy(tiny, tokenizer, prompts, [ex.answer for ex in examples], K.answer_candidates("first"))
+    scores = K.candidate_scores(tiny, tokenizer, prompts, D.answer_candidates("first"))
+    top = [D.answer_candidates("first")[i] for i in scores.argmax(1)]
+    acc = K.ranked_accuracy(tiny, tokenizer, prompts, [ex.answer for ex in examples], D.answer_candidates("first"))
     assert acc == pytest.approx(np.mean([t == ex.answer for t, ex in zip(top, examples)]))
     # answering with the model's own choice is right every time
-    assert K.ranked_accuracy(tiny, tokenizer, prompts, top, K.answer_candidates("first")) == 1.0
+    assert K.ranked_accuracy(tiny, tokenizer, prompts, top, D.answer_candidates("first")) == 1.0
     with pytest.raises(ValueError, match="not among the candidates"):
-        K.ranked_accuracy(tiny, tokenizer, prompts[:1], ["12"], K.answer_candidates("first"))
+        K.ranked_accuracy(tiny, tokenizer, prompts[:1], ["12"], D.answer_candidates("first"))
 
 
 def test_finetuning_returns_a_tuned_copy_that_learns_the_task(tokenizer, tiny):
     before = {k: v.clone() for k, v in tiny.state_dict().items()}
-    train = K.sample_examples("parity", 64, seed=0, split="train")
-    test = K.sample_examples("parity", 32, seed=0, split="test")
+    train = D.sample_examples("parity", 64, seed=0, split="train")
+    test = D.sample_examples("parity", 32, seed=0, split="test")
     loss_before = K.answer_loss(tiny, tokenizer, test, K.TUNED_PHRASINGS)
     tuned = K.finetune(tiny, tokenizer, train, steps=30, lr=3e-3, batch_size=8, seed=0)
     assert all(torch.equal(v, tiny.state_dict()[k]) for k, v in before.items())  # the checkpoint is untouched
@@ -99,27 +98,13 @@ def test_finetuning_returns_a_tuned_copy_that_learns_the_task(tokenizer, tiny):
     assert all(torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), again.state_dict().values()))
 
 
-def test_linear_probe_separates_separable_classes_and_not_random_labels():
-    g = torch.Generator().manual_seed(0)
-    centres = torch.randn(4, 16, generator=g) * 3
-    y = torch.arange(400) % 4
-    x = centres[y] + torch.randn(400, 16, generator=g)
-    assert K.linear_probe(x[:300], y[:300].tolist(), x[300:], y[300:].tolist(), n_classes=4) >= 0.95
-    shuffled = y[torch.randperm(400, generator=g)]
-    noise = torch.randn(400, 16, generator=g)
-    acc = K.linear_probe(noise[:300], shuffled[:300].tolist(), noise[300:], shuffled[300:].tolist(), n_classes=4)
-    assert acc < 0.45  # chance is 0.25
-    again = K.linear_probe(x[:300], y[:300].tolist(), x[300:], y[300:].tolist(), n_classes=4)
-    assert again == K.linear_probe(x[:300], y[:300].tolist(), x[300:], y[300:].tolist(), n_classes=4)
-
-
 def test_probe_accuracy_on_a_frozen_checkpoint_is_a_share(tokenizer, tiny):
-    train = K.sample_examples("first", 64, seed=0, split="train")
-    test = K.sample_examples("first", 32, seed=0, split="test")
+    train = D.sample_examples("first", 64, seed=0, split="train")
+    test = D.sample_examples("first", 32, seed=0, split="test")
     acc = K.probe_accuracy(tiny, tokenizer, train, test)
     assert 0 <= acc <= 1
-    feats = K.last_token_features(tiny, tokenizer, ["sort 1 2 .", "what is the first number in 3 4 5 ?"])
-    alone = K.last_token_features(tiny, tokenizer, ["sort 1 2 ."])
+    feats = E.last_token_states(tiny, tokenizer, ["sort 1 2 .", "what is the first number in 3 4 5 ?"])
+    alone = E.last_token_states(tiny, tokenizer, ["sort 1 2 ."])
     assert feats.shape == (2, 32) and torch.allclose(feats[0], alone[0], atol=1e-5)  # padding does not leak
 
 
@@ -170,18 +155,18 @@ def test_pretrain_snapshots_keep_the_weights_of_each_asked_step(tokenizer):
     (dict(finetune_stpes=10), "finetune_stpes"),
 ])
 def test_chapter_8_rejects_bad_knobs_by_name(overrides, parameter):
-    with pytest.raises(C.ConfigError) as info:
-        C.make("08_pretraining_checkpoints", profile="cpu", **overrides)
+    with pytest.raises(ConfigError) as info:
+        specs.make("08_pretraining_checkpoints", profile="cpu", **overrides)
     assert info.value.parameter == parameter
 
 
 def test_chapter_8_profiles():
-    cpu = C.make("08_pretraining_checkpoints", profile="cpu")
-    smoke = C.make("08_pretraining_checkpoints", profile="smoke")
-    gpu = C.make("08_pretraining_checkpoints", profile="gpu")
-    assert cpu.model == "zoo:base" and cpu.revisions == "kept" and cpu.strict
+    cpu = specs.make("08_pretraining_checkpoints", profile="cpu")
+    smoke = specs.make("08_pretraining_checkpoints", profile="smoke")
+    gpu = specs.make("08_pretraining_checkpoints", profile="gpu")
+    assert cpu.model == "zoo:base" and cpu.revisions == [] and cpu.strict
     assert smoke.finetune_steps < cpu.finetune_steps and not smoke.strict
-    assert gpu.model.startswith("hf:EleutherAI/pythia") and gpu.revisions.startswith("step")
+    assert gpu.model.startswith("hf:EleutherAI/pythia") and gpu.revisions[0].startswith("step")
 
 
 def test_weights_digest_tells_identical_weights_from_different_ones(tokenizer):

@@ -16,7 +16,7 @@ Hessian.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -110,7 +110,7 @@ def top_hessian_eigenvalue(loss_fn: Callable[[], torch.Tensor], params: Sequence
 def model_sharpness(model, batch: torch.Tensor, *, iters: int = 20, tol: float = 1e-3, seed: int = 0,
                     groups: Sequence[dict] | None = None, method: str = "lanczos") -> float:
     """Sharpness of a causal LM's loss on ``batch`` (token ids). ``groups`` (as from
-    :func:`ftbook.mup.param_groups`) weight each parameter by its group's ``lr_scale``."""
+    :func:`ftbook.methods.mup.param_groups`) weight each parameter by its group's ``lr_scale``."""
     if groups is None:
         params = [p for p in model.parameters() if p.requires_grad]
         scales = None

@@ -23,82 +23,23 @@ its residuals (:func:`log_law_fit`).
 """
 from __future__ import annotations
 
-import copy
 import random
-import string
-from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from . import data as D
-from .evaluate import pad_right
+from .. import data as D
+from ..data import Example, answer_candidates, native_templates, sample_examples
+from ..evaluate import LinearProbe, last_token_states
+from ..finetune import finetune as finetune_copy
 
 # The wordings a fine-tune sees; the others are held out to measure prompt sensitivity.
 TUNED_PHRASINGS = (0, 1, 2)
 HELD_OUT_PHRASINGS = (3, 4)
 
 
-# --- tasks: candidates, native (pre-training) prompts, instruction prompts ------------------------------------
-def answer_candidates(family: str) -> list[str]:
-    """Every answer a task family can give (the ranking's label set); families with open-ended answers
-    (``sort``, ``reverse``) cannot be scored this way and raise."""
-    cands = {
-        "add": range(19), "max": range(10), "min": range(10), "first": range(10), "last": range(10),
-        "length": range(3, 6), "count": range(1, 8), "successor": range(1, 100),
-    }
-    if family == "parity":
-        return ["even", "odd"]
-    if family not in cands:
-        raise ValueError(f"task family {family!r} has no closed answer set; choose from "
-                         f"{', '.join(sorted([*cands, 'parity']))}")
-    return [str(x) for x in cands[family]]
-
-
-def _fields(template: str) -> list[str]:
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
-
-
-def native_templates(family: str) -> list[str]:
-    """The family's narrative sentences cut before ``{answer}`` — prompts in pre-training's own wording.
-
-    Only narratives whose every argument precedes the answer qualify (``{x} shows up {answer} times in
-    {xs}`` would ask for the answer before showing the list)."""
-    out = []
-    for narrative in D.TASKS[family].narratives:
-        head = narrative.split("{answer}")[0]
-        if "{answer}" in narrative and set(_fields(narrative)) - {"answer"} <= set(_fields(head)):
-            out.append(head.rstrip())
-    if not out:
-        raise ValueError(f"task family {family!r} has no narrative that states its answer last")
-    return out
-
-
-@dataclass(frozen=True)
-class Example:
-    """One sampled instance of a task: its arguments (as the family's sampler returns them) and answer."""
-
-    family: str
-    args: dict
-
-    @property
-    def answer(self) -> str:
-        return str(self.args["answer"])
-
-    def instruction(self, phrasing: int) -> str:
-        return D.TASKS[self.family].instructions[phrasing].format(**self.args)
-
-    def native_prompt(self, template: int) -> str:
-        return native_templates(self.family)[template].format(**self.args)
-
-
-def sample_examples(family: str, n: int, *, seed: int, split: str) -> list[Example]:
-    """``n`` examples of a family; ``split`` ('train' / 'test' / anything) names an independent stream."""
-    rng = random.Random(f"ch08-{family}-{split}-{seed}")
-    return [Example(family, D.TASKS[family].sample(rng)) for _ in range(n)]
-
-
+# --- tasks: instruction prompts ------------------------------------------------------------------------------
 def instruction_rows(examples: Sequence[Example], phrasings: Sequence[int], *, seed: int) -> list[tuple[str, str]]:
     """(instruction, answer) pairs, each example in one wording drawn from ``phrasings``."""
     rng = random.Random(f"wording-{seed}")
@@ -130,7 +71,7 @@ def candidate_scores(model, tokenizer, prompts: Sequence[str], candidates: Seque
 
     When every candidate is a single token (digits, ``even``/``odd`` in the book's vocabulary) one forward pass
     per prompt reads them all off the next-token distribution; otherwise each pair is scored in full."""
-    from .evaluate import continuation_logprobs
+    from ..evaluate import continuation_logprobs
 
     cand_ids = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in candidates]
     if any(len(ids) != 1 for ids in cand_ids):
@@ -201,45 +142,24 @@ def finetune_pairs(model, tokenizer, pairs: Sequence[tuple[str, str]], *, steps:
                    progress: bool = False, desc: str = "fine-tune"):
     """A fine-tuned *copy* of ``model``: (instruction, answer) pairs in the chat format, loss on the answer only.
 
-    Warm-up over the first tenth, cosine decay; the same data order for every checkpoint (seeded), so that
-    checkpoints differ only in their weights."""
-    from .train import TrainConfig, train
-
-    tuned = copy.deepcopy(model)
-    rows = D.encode_instructions(pairs, tokenizer, seq_len)
-    config = TrainConfig(steps=steps, lr=lr, batch_size=batch_size, warmup_steps=max(1, steps // 10),
-                         schedule="cosine", weight_decay=0.0, seed=seed, device=device, progress=progress, desc=desc)
-    train(tuned, rows, config)
+    Warm-up over the first tenth, cosine decay, no weight decay; the same data order for every checkpoint
+    (seeded), so that checkpoints differ only in their weights."""
+    tuned = finetune_copy(model, D.encode_instructions(pairs, tokenizer, seq_len), steps=steps, lr=lr, seed=seed,
+                          batch_size=batch_size, weight_decay=0.0, device=device, progress=progress, desc=desc)
     tuned.eval()
     return tuned
 
 
 # --- the frozen model as a feature extractor ------------------------------------------------------------------
-def last_token_features(model, tokenizer, texts: Sequence[str], batch_size: int = 128) -> torch.Tensor:
-    """The last layer's hidden state at each text's last token (:func:`ftbook.evaluate.last_token_states`)."""
-    from .evaluate import last_token_states
-
-    return last_token_states(model, tokenizer, texts, batch_size=batch_size)
-
-
-def linear_probe(train_x: torch.Tensor, train_y: Sequence[int], test_x: torch.Tensor, test_y: Sequence[int], *,
-                 n_classes: int, l2: float = 1e-3, max_iter: int = 200) -> float:
-    """Test accuracy of a multinomial logistic regression on frozen features
-    (:class:`ftbook.evaluate.LinearProbe`: standardised, L2 penalty ``l2``, deterministic L-BFGS from zero)."""
-    from .evaluate import LinearProbe
-
-    return LinearProbe(n_classes, l2=l2, max_iter=max_iter).fit(train_x, list(train_y)).accuracy(test_x, list(test_y))
-
-
 def probe_accuracy(model, tokenizer, train: Sequence[Example], test: Sequence[Example], *,
                    phrasing: int = 0, l2: float = 1e-3) -> float:
     """Linear-probe accuracy of a frozen checkpoint on a task: features of the instruction in the chat format
     (the input fine-tuning sees), labels = the answer's index among the family's candidates."""
     cands = answer_candidates(train[0].family)
-    feats = last_token_features(model, tokenizer, [D.chat_prompt(ex.instruction(phrasing)) for ex in [*train, *test]])
+    feats = last_token_states(model, tokenizer, [D.chat_prompt(ex.instruction(phrasing)) for ex in [*train, *test]])
     label = [cands.index(ex.answer) for ex in [*train, *test]]
-    return linear_probe(feats[:len(train)], label[:len(train)], feats[len(train):], label[len(train):],
-                        n_classes=len(cands), l2=l2)
+    probe = LinearProbe(len(cands), l2=l2).fit(feats[:len(train)], label[:len(train)])
+    return probe.accuracy(feats[len(train):], label[len(train):])
 
 
 # --- fits and summaries ---------------------------------------------------------------------------------------
@@ -293,7 +213,8 @@ def latent_improvement(grid, *, flat: float = 0.15, measure: str = "fine_tuned_f
     first = grid[grid["step"] == first_step].set_index("task")
     later = grid[grid["step"] > first_step]
     pairs = pd.DataFrame({"task": later["task"].to_numpy(), "step": later["step"].to_numpy(),
-                          "zero_shot_rise": later["zero_shot"].to_numpy() - first.loc[later["task"], "zero_shot"].to_numpy(),
+                          "zero_shot_rise": later["zero_shot"].to_numpy() - first.loc[later["task"],
+                                                                                      "zero_shot"].to_numpy(),
                           "fine_tuned_rise": later[measure].to_numpy() - first.loc[later["task"], measure].to_numpy()})
     pairs["flat"] = pairs["zero_shot_rise"] <= flat
     chosen = pairs.loc[pairs["flat"], "fine_tuned_rise"]
@@ -319,7 +240,7 @@ def pretrain_snapshots(model, blocks, *, snapshot_steps: Sequence[int], lr: floa
     The learning rate is held constant after the warm-up, so the snapshot at step ``s`` is (up to the data
     order) the model one would get by pre-training on ``s`` batches — one run gives every data amount. Blocks
     are not repeated as long as ``max(snapshot_steps) * batch_size <= len(blocks)``."""
-    from .train import TrainConfig, train
+    from ..train import TrainConfig, train
 
     wanted = sorted(set(int(s) for s in snapshot_steps))
     if not wanted or wanted[0] < 1:
@@ -338,7 +259,7 @@ def pretrain_snapshots(model, blocks, *, snapshot_steps: Sequence[int], lr: floa
 
 def answer_loss(model, tokenizer, examples: Sequence[Example], phrasings: Sequence[int], seq_len: int = 40) -> float:
     """Mean cross-entropy of the answer tokens (and the end token) given the instruction: the downstream loss."""
-    from .train import evaluate_loss
+    from ..train import evaluate_loss
 
     rows = D.encode_instructions(instruction_rows(examples, phrasings, seed=0), tokenizer, seq_len)
     return evaluate_loss(model, rows)
@@ -361,7 +282,7 @@ def evaluate_checkpoint(model, tokenizer, family: str, train: Sequence[Example],
     given — fact recall before and after (:func:`ftbook.evaluate.fact_probe`). With ``few_shot`` training sets,
     also ``fine_tuned_few``: the mean tuned-wording accuracy of one short fine-tune (``few_shot_steps``) on each —
     fine-tuning with too little data to learn the task alone, so the result shows what the checkpoint brings."""
-    from .evaluate import fact_probe
+    from ..evaluate import fact_probe
 
     before = accuracy_by_wording(model, tokenizer, test)
     row = {"task": family,
@@ -410,7 +331,7 @@ def review_examples(split: str, n: int, *, seed: int, neutral: float = 1.0) -> l
     """``n`` (snippet, "positive"/"negative") pairs of real movie reviews (vaderSentiment's human-rated Rotten
     Tomatoes snippets, prepared by :mod:`ftbook.corpora`): the sign of the mean rating on [-4, 4], snippets rated
     within ``neutral`` of 0 dropped; lower-cased like the book's corpus."""
-    from . import corpora
+    from .. import corpora
 
     pairs = corpora.rated_snippets("movie_reviews", split, neutral=neutral, shuffle=f"ch08-reviews-{split}-{seed}")
     return [(" ".join(text.lower().split()), REVIEW_ANSWERS[label]) for text, label in pairs[:n]]
@@ -432,7 +353,7 @@ def review_cell(load, *, train: Sequence[tuple[str, str]], test: Sequence[tuple[
                 batch_size: int, seq_len: int, seed: int, probe_l2: float = 1e-3, device: str = "cpu") -> dict:
     """One checkpoint on real-text sentiment: before fine-tuning (the chat instruction, ranking the two answers),
     a linear probe of its frozen features, and after a short fine-tune (loss on the answer only)."""
-    from .evaluate import LinearProbe, last_token_states
+    from ..evaluate import LinearProbe, last_token_states
 
     model, tokenizer = load()
     train_instructions = [review_instruction(text, tokenizer, seq_len) for text, _ in train]

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from ftbook import config as C
-from ftbook import continual as CP
 from ftbook import data as D
-from ftbook import models
+from ftbook import modeling, specs
+from ftbook.config import ConfigError
+from ftbook.labs import ch03_continual_pretraining as CP
 
 
 def blocks(n, value, seq_len=8):
@@ -105,9 +105,9 @@ def test_domain_b_states_facts_only_declaratively_and_tapt_text_covers_only_the_
 def test_qa_pairs_and_encoding_put_the_loss_on_the_answer():
     world = CP.specialist_world(0, 6)
     facts = world.seen_facts()[:3]
-    pairs = CP.qa_pairs(facts)
+    pairs = D.question_pairs(facts)
     assert len(pairs) == 3 * 2 and pairs[0][1] == facts[0].value
-    tok = D.train_tokenizer([CP.QA_TEMPLATE.format(question=q) + " " + a for q, a in pairs] * 3, vocab_size=300)
+    tok = D.train_tokenizer([D.QA_PROMPT.format(question=q) + " " + a for q, a in pairs] * 3, vocab_size=300)
     rows = CP.encode_qa(facts, tok, 32)
     labels = np.asarray(rows["labels"][0])
     answer = [t for t in labels if t != -100]
@@ -119,7 +119,7 @@ def tiny():
     world = CP.specialist_world(0, 6)
     texts = CP.specialist_documents(world, 60, seed=0)
     tok = D.train_tokenizer(texts, vocab_size=300)
-    model = models.from_config(models.tiny_config(vocab_size=len(tok), n_layer=1, d_model=32), seed=0)
+    model = modeling.from_config(modeling.tiny_config(vocab_size=len(tok), n_layer=1, d_model=32), seed=0)
     return world, tok, model, D.pack(texts, tok, 16)
 
 
@@ -152,13 +152,13 @@ def test_qa_accuracy_is_a_share_and_continue_pretraining_leaves_the_base_untouch
     (dict(finetune_lr=0.0), "finetune_lr"),
 ])
 def test_chapter_3_rejects_bad_knobs_by_name(overrides, parameter):
-    with pytest.raises(C.ConfigError) as err:
-        C.make("03_continual_pretraining", **overrides)
+    with pytest.raises(ConfigError) as err:
+        specs.make("03_continual_pretraining", **overrides)
     assert err.value.parameter == parameter
 
 
 def test_chapter_3_profiles():
-    cpu, smoke, gpu = (C.make("03", profile=p) for p in ("cpu", "smoke", "gpu"))
+    cpu, smoke, gpu = (specs.make("03", profile=p) for p in ("cpu", "smoke", "gpu"))
     assert cpu.model == "tiny:llama" and gpu.model.startswith("hf:EleutherAI/pythia")
     assert smoke.cpt_steps < cpu.cpt_steps and cpu.rewarm_steps <= cpu.cpt_steps
     assert cpu.task_entities <= cpu.n_entities

@@ -21,7 +21,7 @@ format — which :func:`skill_probe` measures (the family's narrative cut before
 greedily); :func:`answer_sources` reads what a tuned model answers instead of the right answer (another
 family's answer on the same numbers, or one fixed answer).
 
-Fine-tuning goes through :func:`ftbook.forgetting.finetune` (the book's loop on a copy of the model);
+Fine-tuning goes through :func:`ftbook.finetune.finetune` (the book's loop on a copy of the model);
 generation through :func:`ftbook.evaluate.generate` (greedy). Every arm is one picklable job
 (:func:`tune_and_score` on the base :func:`load_base_into_worker` loaded), so :class:`ftbook.parallel.Pool`
 runs the arms side by side.
@@ -31,13 +31,13 @@ from __future__ import annotations
 import random
 import re
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
-from . import data as D
-from .checkpoints import Example, sample_examples
+from .. import data as D
+from ..data import Example, sample_examples
 
 STYLES = ("answer", "sentence")
 TUNED_PHRASINGS = (0, 1, 2)      # wordings the tuning data uses
@@ -200,7 +200,7 @@ def score(model, tokenizer, examples: Sequence[Example], *, style: str, phrasing
           max_new_tokens: int = 12, template: ChatTemplate | None = None, keep_outputs: bool = False) -> dict:
     """Greedy answers to ``examples`` asked in ``phrasings`` (round robin); exact match and format adherence,
     overall and per family."""
-    from .evaluate import generate
+    from ..evaluate import generate
 
     template = template or ChatTemplate(tokenizer)
     prompts = [template.prompt(ex.instruction(phrasings[i % len(phrasings)])) for i, ex in enumerate(examples)]
@@ -236,8 +236,8 @@ def skill_probe(model, tokenizer, families: Sequence[str], n: int, *, seed: int,
     This is the precondition of the FLAN claim: instruction tuning can only *unlock* for a held-out family
     a skill the pre-trained model already performs in some format; where the probe is at chance, no amount
     of tuning on other families can transfer it."""
-    from .checkpoints import native_templates
-    from .evaluate import generate
+    from ..data import native_templates
+    from ..evaluate import generate
 
     out = {}
     for family in families:
@@ -300,26 +300,24 @@ def held_out_attribute_pairs(world: D.World, held_out: str) -> tuple[list[tuple[
     """(tuning pairs, test pairs) of the knowledge experiment: every seen fact of the *other* attributes asked
     in every question wording of pre-training's ``q : … a :`` text, and every seen fact of ``held_out`` —
     facts the base read and answers in its own format, so tuning has only to unlock them."""
-    from .continual import qa_pairs
 
     if held_out not in D.ATTRIBUTES:
         raise ValueError(f"unknown attribute {held_out!r}; the world has {', '.join(D.ATTRIBUTES)}")
     seen = world.seen_facts()
-    return (qa_pairs([f for f in seen if f.attribute != held_out]),
-            qa_pairs([f for f in seen if f.attribute == held_out]))
+    return (D.question_pairs([f for f in seen if f.attribute != held_out]),
+            D.question_pairs([f for f in seen if f.attribute == held_out]))
 
 
 def fact_instance_split(world: D.World, seed: int) -> dict[str, list[tuple[str, str]]]:
     """The superficial-alignment split (LIMA): question pairs of a seeded half of the seen facts (``tune``), of
     the other half (``read, not tuned``: pre-training stated them, tuning never asked them) and of the facts
     pre-training never stated (``never read``), every fact in every question wording."""
-    from .continual import qa_pairs
 
     seen = list(world.seen_facts())
     random.Random(f"fact-instances-{seed}").shuffle(seen)
     half = len(seen) // 2
-    return {"tune": qa_pairs(seen[:half]), "read, not tuned": qa_pairs(seen[half:]),
-            "never read": qa_pairs(world.unseen_facts())}
+    return {"tune": D.question_pairs(seen[:half]), "read, not tuned": D.question_pairs(seen[half:]),
+            "never read": D.question_pairs(world.unseen_facts())}
 
 
 def knowledge_scores(outputs: Sequence[str], pairs: Sequence[tuple[str, str]], end: str = D.END) -> dict:
@@ -344,10 +342,9 @@ def qa_answers_correct(continuations: Sequence[str], pairs: Sequence[tuple[str, 
 def qa_skill(model, tokenizer, pairs: Sequence[tuple[str, str]], max_new_tokens: int = 4) -> float:
     """The base's knowledge in its own format: each question asked as pre-training did (``q : … a :``),
     continued greedily, scored by :func:`qa_answers_correct`."""
-    from .continual import QA_TEMPLATE
-    from .evaluate import generate
+    from ..evaluate import generate
 
-    prompts = [QA_TEMPLATE.format(question=q) for q, _ in pairs]
+    prompts = [D.QA_PROMPT.format(question=q) for q, _ in pairs]
     return qa_answers_correct(generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens), pairs)
 
 
@@ -392,7 +389,7 @@ def real_chat_pairs(n: int, tokenizer, seq_len: int, *, seed: int, split: str = 
                     template: ChatTemplate | None = None) -> list[tuple[str, str]]:
     """``n`` real question/answer pairs of the chatterbot corpus (BSD) that fit ``seq_len`` in the template,
     lower-cased like the synthetic world (the base model's tokenizer was trained on lower-case text)."""
-    from . import corpora
+    from .. import corpora
 
     if n <= 0:
         return []
@@ -415,14 +412,14 @@ def tune(model, tokenizer, pairs: Sequence[tuple[str, str]], *, steps: int, lr: 
          seq_len: int, seed: int, mask_prompt: bool = True, pack: bool = False, device: str = "cpu",
          precision: str = "fp32", desc: str = "instruction-tune"):
     """A tuned copy of ``model`` on ``pairs`` in the chat template (the book's loop via
-    :func:`ftbook.forgetting.finetune`; warm-up over the first tenth, cosine decay); ``pack`` packs the pairs
+    :func:`ftbook.finetune.finetune`; warm-up over the first tenth, cosine decay); ``pack`` packs the pairs
     into rows (:func:`encode_chat`)."""
-    from .forgetting import finetune
-    from .train import TensorData
+    from ..finetune import finetune
+    from ..train import TensorData
 
     rows = encode_chat(pairs, tokenizer, seq_len, mask_prompt=mask_prompt, pack=pack)
-    tuned, _ = finetune(model, TensorData(rows), steps=steps, lr=lr, seed=seed, batch_size=batch_size,
-                        warmup_steps=max(1, steps // 10), device=device, precision=precision, desc=desc)
+    tuned = finetune(model, TensorData(rows), steps=steps, lr=lr, seed=seed, batch_size=batch_size, device=device,
+                     precision=precision, desc=desc)
     tuned.eval()
     return tuned
 
@@ -430,8 +427,8 @@ def tune(model, tokenizer, pairs: Sequence[tuple[str, str]], *, steps: int, lr: 
 # --- the arms as jobs for ftbook.parallel (one single-thread process each) ------------------------------------
 def load_base_into_worker(model_spec: str, seed: int, profile: str, device: str = "cpu") -> None:
     """Pool initializer: load the base once per worker process (every job tunes a copy of it)."""
-    from . import models
-    from .parallel import worker_state
+    from .. import models
+    from ..parallel import worker_state
 
     base, tokenizer = models.load(model_spec, seed=seed, profile=profile)
     worker_state().update(base=base.to(device).eval(), tokenizer=tokenizer, template=ChatTemplate(tokenizer))
@@ -442,8 +439,8 @@ def tune_and_score(pairs: Sequence[tuple[str, str]] | None, tests: dict[str, Seq
                    desc: str = "instruction-tune", show: Sequence[str] = ()) -> dict:
     """One arm, as a job: tune a copy of the worker's base on ``pairs`` (``None``: the base itself) and
     :func:`score` it on every named test set (outputs kept); ``show`` instructions are answered greedily too."""
-    from .evaluate import generate
-    from .parallel import worker_state
+    from ..evaluate import generate
+    from ..parallel import worker_state
 
     state = worker_state()
     base, tokenizer, template = state["base"], state["tokenizer"], state["template"]
@@ -453,29 +450,4 @@ def tune_and_score(pairs: Sequence[tuple[str, str]] | None, tests: dict[str, Seq
            for name, examples in tests.items()}
     if show:
         out["shown"] = generate(model, tokenizer, [template.prompt(p) for p in show], max_new_tokens=16)
-    return out
-
-
-def hub_instruction_pairs(spec: str, n: int, *, split: str = "train", offset: int = 0) -> list[tuple[str, str]]:
-    """(instruction, response) pairs of a hub instruction set — the ``gpu`` profile's tuning data.
-
-    ``hf:databricks/databricks-dolly-15k`` (instruction, context, response), ``hf:tatsu-lab/alpaca``
-    (instruction, input, output) and ``hf:GAIR/lima`` (conversations) are understood. Needs the network.
-    """
-    import datasets
-
-    if not spec.startswith("hf:"):
-        raise ValueError(f"a hub dataset spec looks like 'hf:org/name', got {spec!r}")
-    rows = datasets.load_dataset(spec[3:], split=f"{split}[{offset}:{offset + n}]")
-    out = []
-    for row in rows:
-        if "conversations" in row:                       # LIMA: first user turn, first answer
-            turns = row["conversations"]
-            if len(turns) >= 2:
-                out.append((turns[0], turns[1]))
-            continue
-        instruction = row.get("instruction", "")
-        extra = row.get("context") or row.get("input") or ""
-        answer = row.get("response") or row.get("output") or ""
-        out.append((f"{instruction}\n\n{extra}".strip(), answer.strip()))
     return out
