@@ -1,9 +1,12 @@
 """Claims: a paper's sentence, the value this run measured, the threshold fixed in advance, the verdict.
 
-A chapter collects its claims in a :class:`ClaimBook`, shows the verdict table, and ends with
-:meth:`ClaimBook.finish`, which writes the run record and — in strict mode — fails the run when a claim
-checked at this scale does not hold. A claim that honestly needs GPU scale is declared with
-``scale="gpu"``: it is measured and shown at every profile, but only judged at ``gpu``.
+A chapter collects its claims in a :class:`ClaimBook`, shows the verdict table beside each claim's rate in the
+reference runs (seeds 0–9, :mod:`ftbook.reference`), plots the reference values against the threshold
+(:meth:`ClaimBook.reference_figure`), and ends with :meth:`ClaimBook.finish`, which writes the run record. A claim
+that does not hold in this run is a verdict on the page, not a crash; with ``strict=True`` the run fails when a
+claim that held in *every* reference run does not hold (what the chapter tests check at seed 0). A claim that
+honestly needs GPU scale is declared with ``scale="gpu"``: it is measured and shown at every profile, but only
+judged at ``gpu``.
 """
 from __future__ import annotations
 
@@ -41,9 +44,13 @@ class ClaimBook:
     """The claims of one run of one chapter."""
 
     def __init__(self, cfg):
+        from . import reference
+
         self.cfg = cfg
         self.claims: list[Claim] = []
         self.started_at = getattr(cfg, "_started_at", None) or time.time()
+        # the profile's reference runs; smoke runs compare with nothing
+        self.reference = reference.rates(cfg.chapter, cfg.profile) if cfg.profile != "smoke" else {}
 
     def _judged_here(self, scale: str) -> bool:
         profile = self.cfg.profile
@@ -67,21 +74,53 @@ class ClaimBook:
         self.claims.append(item)
         return item
 
+    def verdict(self, c: Claim) -> str:
+        """This run's verdict in words, with the claim's reference rate when it does not hold."""
+        from .reference import rate_text
+
+        if c.holds is None:
+            return "checked at gpu scale only" if c.scale == "gpu" and self.cfg.profile != "smoke" else "not judged"
+        if c.holds:
+            return "holds"
+        rate = rate_text(self.reference.get(c.id))
+        return "does not hold in this run" + (f" (held in {rate} reference runs)" if rate != "—" else "")
+
     def table(self) -> pd.DataFrame:
-        rows = []
-        for c in self.claims:
-            verdict = {True: "holds", False: "does NOT hold", None: "not judged"}[c.holds]
-            if c.holds is None and c.scale == "gpu" and self.cfg.profile != "smoke":
-                verdict = "checked at gpu scale only"
-            rows.append({"paper": c.paper, "claim": c.claim, "measured": round(c.measured, 4),
-                         "threshold": f"{c.op} {c.threshold:g}", "verdict": verdict})
+        from .reference import rate_text
+
+        rows = [{"paper": c.paper, "claim": c.claim, "measured": round(c.measured, 4),
+                 "threshold": f"{c.op} {c.threshold:g}", "verdict": self.verdict(c),
+                 "reference runs": rate_text(self.reference.get(c.id))} for c in self.claims]
         return pd.DataFrame(rows)
+
+    def reference_figure(self):
+        """Each claim's measured value in the reference runs (one dot per seed, filled where it held) against its
+        threshold (dashed), with this run's value as a star: how often, and by how much, the claim holds."""
+        from . import plots
+
+        shown = [c for c in self.claims if self.reference.get(c.id)]
+        if not shown:
+            return None
+        return plots.reference_strips(
+            [{"claim": f"{c.id}", "values": self.reference[c.id]["values"], "holds": self.reference[c.id]["holds"],
+              "threshold": c.threshold, "this_run": c.measured,
+              "rate": f"{self.reference[c.id]['held']}/{self.reference[c.id]['judged']}"
+              if self.reference[c.id].get("judged") else "gpu only"} for c in shown],
+            title=f"Reference runs (seeds {', '.join(map(str, self.reference[shown[0].id]['seeds']))}): "
+                  f"measured value per seed vs threshold; ★ this run")
 
     def failed(self) -> list[Claim]:
         return [c for c in self.claims if c.holds is False]
 
+    def unexpected(self) -> list[Claim]:
+        """The claims that do not hold here although they held in every reference run (or have none yet)."""
+        from .reference import held_in_every_run
+
+        return [c for c in self.failed() if held_in_every_run(self.reference.get(c.id))]
+
     def finish(self, metrics: dict | None = None, strict: bool | None = None):
-        """Write the run record; then, in strict mode, raise if a judged claim does not hold."""
+        """Write the run record; then, in strict mode, raise if a claim that held in every reference run (or has
+        no reference runs yet) does not hold here. Other claims that do not hold are verdicts, not errors."""
         from . import records
 
         strict = self.cfg.get("strict", False) if strict is None else strict
@@ -90,8 +129,9 @@ class ClaimBook:
             parameters={k: v for k, v in self.cfg.to_dict().items() if not k.startswith("_")},
             metrics=metrics or {},
             claims=[c.as_dict() for c in self.claims], started_at=self.started_at,
+            code=self.cfg.get("_code"),
         )
-        failed = self.failed()
+        failed = self.unexpected()
         if strict and failed:
             lines = "\n".join(f"  - [{c.id}] {c.claim}: measured {c.measured:.4g}, needs {c.op} {c.threshold:g}"
                               for c in failed)

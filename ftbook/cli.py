@@ -3,7 +3,8 @@
     ftbook run 01 --profile cpu -p n_layer=4     execute a chapter (papermill), cached
     ftbook run --all --jobs 2                    every chapter, two kernels side by side
     ftbook book                                  execute (cached) + render the Jupyter Book
-    ftbook report                                claims x runs from the run records
+    ftbook report                                claims x runs from the run records, and the reference rates
+    ftbook reference --all --jobs 2              every chapter at seeds 0-9 -> results/cpu/*.json (resumable)
     ftbook env                                   versions, hardware, caches
     ftbook data prepare [NAME]                   fetch + verify the third-party corpora
     ftbook bench                                 ftbook's loop vs transformers.Trainer
@@ -57,7 +58,7 @@ def _cmd_run(args) -> int:
         chapters = [args.chapter]
     else:
         raise C.ConfigError("chapter", "name a chapter (e.g. `ftbook run 01`) or pass --all")
-    seeds = [int(s) for s in str(args.seeds).split(",")] if args.seeds else [args.seed]
+    seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]
     jobs = [(ch, s) for ch in chapters for s in seeds]
     if args.output and len(jobs) > 1:
         raise C.ConfigError("output", "--output takes one chapter and one seed")
@@ -84,11 +85,52 @@ def _cmd_book(args) -> int:
     return 0
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``"0-9"`` or ``"0,1,2"`` (or a mix: ``"0-3,7"``) -> the seeds, in order, without repeats."""
+    seeds: list[int] = []
+    try:
+        for part in str(text).split(","):
+            if "-" in part.strip()[1:]:
+                low, high = part.split("-", 1)
+                seeds += range(int(low), int(high) + 1)
+            elif part.strip():
+                seeds.append(int(part))
+    except ValueError:
+        raise C.ConfigError("seeds", f"must look like '0-9' or '0,1,2', got {text!r}") from None
+    if not seeds or any(s < 0 for s in seeds):
+        raise C.ConfigError("seeds", f"must name non-negative seeds, got {text!r}")
+    return list(dict.fromkeys(seeds))
+
+
+def _cmd_reference(args) -> int:
+    from . import reference, report, run
+
+    if args.all == bool(args.chapters):
+        raise C.ConfigError("chapter", "name chapters (e.g. `ftbook reference 04 06`) or pass --all, not both")
+    chapters = [str(p) for p in run.all_chapters()] if args.all else args.chapters
+    C.check_profile(args.profile)
+    if args.profile == "smoke":
+        raise C.ConfigError("profile", "smoke runs judge no claim; reference runs are for cpu (or scale, gpu)")
+    out = run.reference_sweep(chapters, seeds=parse_seeds(args.seeds), profile=args.profile, jobs=args.jobs,
+                              write=not args.dry_run)
+    print(report.reference_text(args.profile))
+    missing = [name for name, path in out.items() if path is None and not args.dry_run]
+    if missing:
+        print(f"ftbook: some runs failed, no results written for: {', '.join(missing)}", file=sys.stderr)
+        return 1
+    totals = reference.totals(args.profile)
+    print(f"{totals['meeting']} of {totals['claims']} claims judged at {args.profile} hold in >= "
+          f"{reference.STANDARD:.0%} of their reference runs")
+    return 0
+
+
 def _cmd_report(args) -> int:
     from . import report
     from .records import atomic_write_text
 
     directory = Path(args.records) if args.records else None
+    print(report.reference_text("cpu"))
+    print()
     print(report.text(directory))
     if args.markdown:
         atomic_write_text(Path(args.markdown), report.markdown(directory))
@@ -146,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every chapter in chapters/")
     p.add_argument("--profile", default="cpu", help=f"one of {', '.join(C.PROFILES)} (default cpu)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seeds", help="several seeds, comma-separated (e.g. 0,1,2)")
+    p.add_argument("--seeds", help="several seeds: 0,1,2 or 0-9")
     p.add_argument("-p", "--parameter", action="append", metavar="KEY=VALUE",
                    help="a chapter knob, e.g. -p n_layer=4 (repeatable)")
     p.add_argument("--output", help="also copy the executed notebook here")
@@ -154,6 +196,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="execute even if a cached result exists")
     p.add_argument("--progress", action="store_true", help="show papermill's per-cell progress bar")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("reference", help="run chapters at the reference seeds 0-9 and write results/<profile>/",
+                       description="Run each chapter at every reference seed with its default knobs, then write "
+                                   "one results file per chapter (results/<profile>/<chapter>.json: every claim's "
+                                   "value and verdict per seed, the code's digest, versions, hardware, wall time "
+                                   "and peak memory of each run). Resumable: runs already recorded for the same "
+                                   "code are reused, so a killed sweep continues and a changed chapter alone "
+                                   "runs again. Commit the results of the final code.")
+    p.add_argument("chapters", nargs="*", help="chapter numbers or names (e.g. 04 06)")
+    p.add_argument("--all", action="store_true", help="every chapter in chapters/")
+    p.add_argument("--seeds", default="0-9", help="reference seeds (default 0-9)")
+    p.add_argument("--profile", default="cpu", help="cpu (default), scale or gpu")
+    p.add_argument("--jobs", type=int, default=2, help="notebooks executed side by side (default 2)")
+    p.add_argument("--dry-run", action="store_true", help="run (or reuse) everything but write no results file")
+    p.set_defaults(func=_cmd_reference)
 
     p = sub.add_parser("book", help="execute every chapter (cached) and render the Jupyter Book")
     p.add_argument("--profile", default="cpu")

@@ -39,9 +39,11 @@ class ConfigError(ValueError):
 
 # Settings every chapter has, per profile.
 COMMON: dict[str, dict[str, Any]] = {
+    # strict=True fails a run whose claim held in every reference run but not here; a reader's run never fails on a
+    # claim (the table says "does not hold in this run"); the chapter tests apply the strict rule to seed 0.
     "smoke": dict(device="cpu", threads=1, precision="fp32", strict=False),
-    "cpu": dict(device="cpu", threads=1, precision="fp32", strict=True),
-    "gpu": dict(device="auto", threads=0, precision="auto", strict=True),
+    "cpu": dict(device="cpu", threads=1, precision="fp32", strict=False),
+    "gpu": dict(device="auto", threads=0, precision="auto", strict=False),
 }
 
 

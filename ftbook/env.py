@@ -82,7 +82,9 @@ def setup(chapter: str, namespace: Mapping[str, Any] | None = None, *, quiet: bo
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     quiet_libraries()
-    cfg = cfg.replace(device=device, _started_at=started)
+    from .run import code_digest
+
+    cfg = cfg.replace(device=device, _started_at=started, _code=code_digest(cfg.chapter))
     from . import plots
 
     plots.configure()

@@ -59,3 +59,34 @@ def heatmap(matrix, *, x: Sequence, y: Sequence, title: str = "", zmin=None, zma
                                texttemplate="%{z:" + fmt + "}"))
     fig.update_layout(title=title, height=80 + 40 * max(4, len(y)))
     return fig
+
+
+def reference_strips(rows: Sequence[Mapping], *, title: str = ""):
+    """One strip per claim: the value measured at each reference seed (filled: the claim held there; open: it did
+    not; grey: not judged at this scale), the threshold as a dashed line, and this run's value as a star.
+
+    ``rows``: dicts with ``claim``, ``values``, ``holds``, ``threshold``, ``this_run`` and ``rate`` (e.g. "9/10")."""
+    import math
+
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=len(rows), cols=1, vertical_spacing=min(0.08, 0.6 / max(1, len(rows))),
+                        subplot_titles=[f"{r['claim']} · held in {r['rate']}" if "/" in r["rate"]
+                                        else f"{r['claim']} · {r['rate']}" for r in rows])
+    for i, r in enumerate(rows, start=1):
+        points = [(v, h) for v, h in zip(r["values"], r["holds"]) if v is not None and math.isfinite(v)]
+        colour = {True: PALETTE[2], False: PALETTE[1], None: "#7f7f7f"}
+        fig.add_trace(go.Scatter(
+            x=[v for v, _ in points], y=[0] * len(points), mode="markers", showlegend=False,
+            marker=dict(size=11, color=[colour[h] for _, h in points], symbol=[
+                "circle" if h is not False else "circle-open" for _, h in points], line=dict(width=2)),
+            hovertemplate="%{x:.4g}<extra></extra>"), row=i, col=1)
+        if r["this_run"] is not None and math.isfinite(r["this_run"]):
+            fig.add_trace(go.Scatter(x=[r["this_run"]], y=[0], mode="markers", showlegend=False,
+                                     marker=dict(size=16, symbol="star", color="#000000"),
+                                     hovertemplate="this run: %{x:.4g}<extra></extra>"), row=i, col=1)
+        fig.add_vline(x=r["threshold"], line_dash="dash", line_color="#444444", row=i, col=1)
+        fig.update_yaxes(visible=False, range=[-1, 1], row=i, col=1)
+    fig.update_layout(title=title, height=90 + 95 * len(rows), margin=dict(t=90))
+    return fig

@@ -83,9 +83,22 @@ def versions() -> dict[str, str]:
     return out
 
 
+def _cpu_model() -> dict[str, Any]:
+    """The CPU's name and its widest vector instructions (Linux): float results of the same seed can differ between
+    an AVX2 and an AVX-512 machine, since the math libraries pick other kernels."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"cpu": platform.processor() or None}
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), None)
+    flags = next((set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")), set())
+    isa = "amx" if "amx_tile" in flags else "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else None
+    return {"cpu": name, "vector_isa": isa}
+
+
 def hardware() -> dict[str, Any]:
     info: dict[str, Any] = {"machine": platform.machine(), "system": platform.system(),
-                            "cpu_count": os.cpu_count()}
+                            "cpu_count": os.cpu_count(), **_cpu_model()}
     try:
         import torch
 
@@ -176,7 +189,7 @@ def _jsonable(value: Any) -> Any:
 
 def write_record(*, chapter: str, profile: str, seed: int, parameters: dict, metrics: dict,
                  claims: Iterable[dict] = (), started_at: float | None = None,
-                 directory: Path | None = None) -> Path:
+                 directory: Path | None = None, code: dict | None = None) -> Path:
     """Write one run's record atomically; return its path."""
     now = time.time()
     record = {
@@ -188,6 +201,7 @@ def write_record(*, chapter: str, profile: str, seed: int, parameters: dict, met
         "metrics": metrics,
         "claims": list(claims),
         "git_sha": git_sha(),
+        "code": code,          # digests of the notebook and the source the run executed (ftbook.run.code_digest)
         "versions": versions(),
         "hardware": hardware(),
         "started_at": started_at,

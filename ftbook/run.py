@@ -75,10 +75,22 @@ def _tree_digest(root: Path, patterns: Iterable[str]) -> str:
     return h.hexdigest()
 
 
-def source_digest() -> str:
-    """What the results depend on besides the notebook: the ftbook code and the committed data."""
-    return hashlib.sha256((_tree_digest(PACKAGE_DIR, ["*.py"]) +
-                           _tree_digest(REPO_ROOT / "data", ["*"])).encode()).hexdigest()
+def source_digest(chapter: str | None = None) -> str:
+    """What a chapter's results depend on besides its notebook: the core package, the methods, the committed data,
+    and the chapter's own spec and lab — not the other chapters' (a lab never imports another lab: the layer test
+    holds this), so a change to one chapter re-executes that chapter only. ``None``: the whole package."""
+    h = hashlib.sha256()
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        rel = path.relative_to(PACKAGE_DIR)
+        if "__pycache__" in rel.parts:
+            continue
+        if chapter is not None and rel.parts[0] in ("labs", "specs") and rel.stem.startswith("ch") \
+                and rel.stem != f"ch{chapter}":
+            continue
+        h.update(str(rel).encode())
+        h.update(path.read_bytes())
+    h.update(_tree_digest(REPO_ROOT / "data", ["*"]).encode())
+    return h.hexdigest()
 
 
 def notebook_digest(path: Path) -> str:
@@ -89,9 +101,16 @@ def notebook_digest(path: Path) -> str:
     return hashlib.sha256(json.dumps(cells).encode()).hexdigest()
 
 
+def code_digest(chapter: str) -> dict:
+    """What a run of ``chapter`` executes: its notebook's cells and the source it depends on (run records keep
+    this, so a reference run can be matched to the code that made it)."""
+    path = chapters_dir() / f"{chapter}.ipynb"
+    return {"source": source_digest(chapter), "notebook": notebook_digest(path) if path.exists() else None}
+
+
 def cache_key(path: Path, parameters: Mapping[str, Any]) -> str:
     blob = json.dumps({"notebook": notebook_digest(path), "parameters": dict(parameters),
-                       "source": source_digest()}, sort_keys=True, default=str)
+                       "source": source_digest(Path(path).stem)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -127,6 +146,11 @@ def execute(chapter: str, *, profile: str = "cpu", seed: int = 0, parameters: Ma
     """
     import papermill
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # `accelerate launch -m ftbook.cli run ...` would execute the whole notebook in every rank (and deadlock on
+        # the zoo's lock): a chapter runs on one device; run chapters side by side with --jobs instead.
+        raise ConfigError("WORLD_SIZE", "a chapter runs in one process on one device; run several chapters side by "
+                                        "side with `ftbook run --all --jobs N` instead of `accelerate launch`")
     # Kernels inherit the environment: no per-step progress bars inside executed notebooks
     # (papermill's own per-cell bar, `--progress`, shows where a run is).
     os.environ.setdefault("FTBOOK_PROGRESS", "0")
@@ -222,6 +246,7 @@ def build_book(*, profile: str = "cpu", seed: int = 0, jobs: int = 1, execute_ch
             shutil.copyfile(path, executed_dir / path.name)
     write_toc([p.stem for p in chapters], book)
     atomic_write_text(book / "results.md", report.markdown())
+    atomic_write_text(book / "reference_summary.md", report.reference_summary(profile) + "\n")  # the intro includes it
     log("[ftbook] rendering the book with jupyter-book ...")
     started = time.perf_counter()
     # jupyter-book 1.x has no `python -m` entry: use the script installed beside this interpreter.
@@ -236,3 +261,71 @@ def build_book(*, profile: str = "cpu", seed: int = 0, jobs: int = 1, execute_ch
     html = book / "_build" / "html"
     log(f"[ftbook] book rendered in {time.perf_counter() - started:.0f} s: {html / 'index.html'}")
     return html
+
+
+# --- reference runs ---------------------------------------------------------------------------------
+def _matching_record(chapter: str, profile: str, seed: int, code: dict, runs: list[dict]) -> dict | None:
+    """The newest record of ``chapter`` at ``seed`` made by this code with the profile's default knobs."""
+    defaults = {k: v for k, v in specs.make(chapter, profile, seed).to_dict().items() if k != "device"}
+    for rec in reversed(runs):
+        if (rec.get("chapter"), rec.get("profile"), rec.get("seed")) != (chapter, profile, seed):
+            continue
+        params = rec.get("parameters", {})
+        if rec.get("code") == code and all(params.get(k) == v for k, v in defaults.items()):
+            return rec
+    return None
+
+
+def reference_sweep(chapters: Iterable[str], *, seeds: Iterable[int] = tuple(range(10)), profile: str = "cpu",
+                    jobs: int = 1, write: bool = True, log=print) -> dict[str, Path | None]:
+    """Run every chapter at every reference seed with its default knobs and write ``results/<profile>/<ch>.json``.
+
+    What is already done is reused: a run whose record was made by the same code (the chapter's notebook and the
+    source it depends on) and the default knobs counts, whether a sweep, ``make test`` or ``ftbook run`` made it —
+    so a killed sweep resumes where it stopped, and after a change to one chapter only that chapter runs again.
+    Claims never stop a reference run (a claim that does not hold is a result). Returns ``{chapter: results path}``
+    (None for a chapter some of whose runs failed)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from . import records, reference
+
+    names = [specs.resolve(notebook_path(ch).stem).name for ch in chapters]   # validate before any work
+    seeds = list(seeds)
+    codes = {name: code_digest(name) for name in names}
+    done = {(n, s): _matching_record(n, profile, s, codes[n], records.load_records()) for n in names for s in seeds}
+    todo = [key for key, rec in done.items() if rec is None]
+    log(f"[reference] {len(done) - len(todo)} of {len(done)} runs reused; {len(todo)} to run, {jobs} at a time")
+    started, finished = time.perf_counter(), [0]
+
+    def one(key):
+        name, seed = key
+        execute(name, profile=profile, seed=seed, log=lambda *a: None)
+        record = _matching_record(name, profile, seed, codes[name], records.load_records())
+        if record is None:  # the notebook was cached but its record is gone: run it again
+            execute(name, profile=profile, seed=seed, use_cache=False, log=lambda *a: None)
+            record = _matching_record(name, profile, seed, codes[name], records.load_records())
+        finished[0] += 1
+        elapsed = time.perf_counter() - started
+        log(f"[reference] {name} seed {seed}: done ({finished[0]}/{len(todo)}, {elapsed / 60:.1f} min, "
+            f"about {elapsed / finished[0] * (len(todo) - finished[0]) / 60:.0f} min left)")
+        return record
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = {key: pool.submit(one, key) for key in todo}
+        for key, future in futures.items():
+            try:
+                done[key] = future.result()
+            except Exception as exc:  # noqa: BLE001 - one broken run must not lose the others
+                log(f"[reference] {key[0]} seed {key[1]} FAILED: {exc}")
+    out: dict[str, Path | None] = {}
+    for name in names:
+        runs = [done[(name, s)] for s in seeds]
+        if any(r is None for r in runs) or not write:
+            out[name] = None
+            continue
+        results = reference.summarize(runs, chapter=name, profile=profile,
+                                      code={**codes[name], "git": runs[-1].get("git_sha")})
+        out[name] = reference.results_path(name, profile)
+        atomic_write_text(out[name], reference.dumps(results))
+        log(f"[reference] {name}: {out[name]}")
+    return out

@@ -1,4 +1,4 @@
-"""Chapter 03_continual_pretraining\'s knobs: defaults at ``cpu``, diffs for the other profiles, validators and rules."""
+"""Chapter 03_continual_pretraining's knobs: defaults at ``cpu``, profile diffs, validators and rules."""
 from __future__ import annotations
 
 from ..config import ChapterSpec

@@ -1,4 +1,4 @@
-"""Chapter 08_pretraining_checkpoints\'s knobs: defaults at ``cpu``, diffs for the other profiles, validators and rules."""
+"""Chapter 08_pretraining_checkpoints's knobs: defaults at ``cpu``, profile diffs, validators and rules."""
 from __future__ import annotations
 
 from ..config import ChapterSpec

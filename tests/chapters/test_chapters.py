@@ -1,4 +1,4 @@
-"""Every chapter end to end: at `smoke` (the code path) and at `cpu` (the claims, seed 0, strict).
+"""Every chapter end to end: at `smoke` (the code path) and at `cpu` (the claims at seed 0, against the reference).
 
 Executions go through ftbook's runner and its cache, so `make book` after `make test` executes nothing
 again. The cpu runs of all chapters start together, two kernels at a time (one thread each).
@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from ftbook import records, run
+import warnings
+
+from ftbook import records, reference, run
 
 CHAPTERS = [p.stem for p in run.all_chapters()]
 JOBS = int(os.environ.get("FTBOOK_TEST_JOBS", "2"))
@@ -92,6 +94,8 @@ def cpu_runs():
 
 @pytest.mark.parametrize("chapter", CHAPTERS)
 def test_chapter_claims_hold_at_cpu(chapter, cpu_runs):
+    """Seed 0 at cpu: every claim that held in all its reference runs (or has none yet) must hold here. A claim with
+    a lower reference rate may fail at seed 0 (the reference says how often it does): that is reported, not failed."""
     result = cpu_runs[chapter]
     if isinstance(result, Exception):
         pytest.fail(str(result))
@@ -100,6 +104,28 @@ def test_chapter_claims_hold_at_cpu(chapter, cpu_runs):
     assert recs, "the chapter wrote no run record"
     judged = [c for c in recs[0]["claims"] if c["holds"] is not None]
     assert judged, "no claim was judged at the cpu profile"
-    failed = [f"{c['id']}: measured {c['measured']:.4g}, needs {c['op']} {c['threshold']:g}"
-              for c in judged if not c["holds"]]
-    assert not failed, failed
+    rates = reference.rates(chapter, "cpu")
+    failed = [c for c in judged if not c["holds"]]
+    unexpected = [f"{c['id']}: measured {c['measured']:.4g}, needs {c['op']} {c['threshold']:g} "
+                  f"(held in {reference.rate_text(rates.get(c['id']))} reference runs)"
+                  for c in failed if reference.held_in_every_run(rates.get(c["id"]))]
+    assert not unexpected, unexpected
+    for c in failed:
+        warnings.warn(f"{chapter} seed 0: {c['id']} does not hold (measured {c['measured']:.4g}); it held in "
+                      f"{reference.rate_text(rates.get(c['id']))} reference runs")
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_reference_results_cover_every_claim_judged_at_cpu(chapter, cpu_runs):
+    """The committed results/cpu/<chapter>.json has every claim this run judged, each at >= 9 of 10 seeds or stated
+    at the scale where it holds: so the book shows a rate beside every verdict, and stale results are caught."""
+    recs = [r for r in records.latest_records() if r["chapter"] == chapter and r["profile"] == "cpu"
+            and r["seed"] == 0]
+    if not recs:
+        pytest.skip("the cpu run failed: see test_chapter_claims_hold_at_cpu")
+    rates = reference.rates(chapter, "cpu")
+    judged = {c["id"] for c in recs[0]["claims"] if c["holds"] is not None}
+    missing = sorted(judged - {i for i, c in rates.items() if c.get("judged")})
+    assert not missing, f"no reference runs for {missing}: run `ftbook reference {chapter[:2]}` and commit results/"
+    below = [f"{i}: {reference.rate_text(rates[i])}" for i in sorted(judged) if not reference.meets_standard(rates[i])]
+    assert not below, f"claims judged at cpu below the 9/10 standard: {below}"

@@ -15,7 +15,8 @@ def test_claim_verdicts_and_strict_failure_write_the_record_first(tmp_home):
     assert book.check("b", paper="P", claim="y <= 0", measured=0.5, op="<=", threshold=0).holds is False
     assert book.check("c", paper="P", claim="big only", measured=0, op=">", threshold=1, scale="gpu").holds is None
     table = book.table()
-    assert list(table.verdict) == ["holds", "does NOT hold", "checked at gpu scale only"]
+    assert list(table.verdict) == ["holds", "does not hold in this run", "checked at gpu scale only"]
+    assert list(table["reference runs"]) == ["—", "—", "—"]   # no reference runs for these made-up claims
     with pytest.raises(claims.ClaimFailed, match=r"\[b\]"):
         book.finish({"m": 1})
     recs = records.load_records()
@@ -24,6 +25,7 @@ def test_claim_verdicts_and_strict_failure_write_the_record_first(tmp_home):
 
 
 def test_smoke_runs_judge_nothing_and_non_strict_runs_do_not_raise(tmp_home):
+    assert specs.make("01", profile="cpu").strict is False   # a reader's run never fails on a claim
     book = claims.ClaimBook(_cfg("smoke"))
     assert book.check("a", paper="P", claim="c", measured=0, op=">", threshold=1).holds is None
     book.finish()
@@ -31,6 +33,59 @@ def test_smoke_runs_judge_nothing_and_non_strict_runs_do_not_raise(tmp_home):
     lenient.check("a", paper="P", claim="c", measured=0, op=">", threshold=1)
     lenient.finish()  # records the failure, does not raise
     assert [r["claims"][0]["holds"] for r in records.load_records()] == [None, False]
+
+
+def _reference(tmp_path, monkeypatch, held_b: int):
+    """Reference results of chapter 01 in which claim 'b' held at ``held_b`` of 10 seeds and 'a' at all."""
+    from ftbook import reference
+
+    runs = [{"seed": s, "claims": [
+        {"id": "a", "paper": "P", "claim": "x > 1", "measured": 2.0, "op": ">", "threshold": 1, "scale": "cpu",
+         "holds": True},
+        {"id": "b", "paper": "P", "claim": "y <= 0", "measured": -1.0 if s < held_b else 0.5, "op": "<=",
+         "threshold": 0, "scale": "cpu", "holds": s < held_b}], "wall_time_s": 10.0, "peak_rss_mb": 100.0}
+        for s in range(10)]
+    monkeypatch.setenv("FTBOOK_RESULTS", str(tmp_path / "results"))
+    results = reference.summarize(runs, chapter="01_pretraining", profile="cpu", code={"source": "x"})
+    reference.results_path("01_pretraining").parent.mkdir(parents=True)
+    reference.results_path("01_pretraining").write_text(reference.dumps(results))
+    return results
+
+
+def test_a_claim_that_fails_in_a_readers_run_is_a_verdict_with_its_reference_rate(tmp_home, tmp_path, monkeypatch):
+    """Claim 'b' held in 9 of 10 reference runs: a run where it does not hold says so and completes, even strict;
+    had it held in all 10, the strict run would fail (the chapter tests' rule at seed 0)."""
+    _reference(tmp_path, monkeypatch, held_b=9)
+    book = claims.ClaimBook(_cfg(strict=True))
+    book.check("a", paper="P", claim="x > 1", measured=2.0, op=">", threshold=1)
+    book.check("b", paper="P", claim="y <= 0", measured=0.5, op="<=", threshold=0)
+    table = book.table()
+    assert list(table["reference runs"]) == ["10/10", "9/10"]
+    assert table.verdict[1] == "does not hold in this run (held in 9/10 reference runs)"
+    book.finish()                                   # no ClaimFailed: the reference says it fails sometimes
+    assert book.reference_figure() is not None
+    (tmp_path / "results" / "cpu" / "01_pretraining.json").unlink()
+    _reference(tmp_path / "again", monkeypatch, held_b=10)
+    strict = claims.ClaimBook(_cfg(strict=True))
+    strict.check("b", paper="P", claim="y <= 0", measured=0.5, op="<=", threshold=0)
+    with pytest.raises(claims.ClaimFailed, match=r"\[b\]"):
+        strict.finish()
+
+
+def test_reference_results_summarize_runs_per_claim(tmp_path, monkeypatch):
+    from ftbook import reference
+
+    results = _reference(tmp_path, monkeypatch, held_b=7)
+    b = next(c for c in results["claims"] if c["id"] == "b")
+    assert (b["held"], b["judged"], b["seeds"]) == (7, 10, list(range(10)))
+    assert reference.meets_standard(b) is False and reference.meets_standard(results["claims"][0]) is True
+    assert reference.rate_text(b) == "7/10" and not reference.held_in_every_run(b)
+    assert json.loads(reference.dumps(results)) == results    # the compact file is the same JSON
+    assert reference.rates("01_pretraining")["b"]["values"][-1] == 0.5
+    assert reference.totals() == {"chapters": 1, "claims": 2, "meeting": 1, "every_run": 1}
+    text = report.reference_text()
+    assert "7/10" in text and "NO" in text
+    assert "1 of the 2 claims" in report.reference_summary()
 
 
 def test_claim_arguments_are_checked():

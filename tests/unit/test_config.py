@@ -9,7 +9,7 @@ def test_profile_defaults_then_chapter_diff_then_overrides():
     smoke = specs.make("01_pretraining", profile="smoke")
     cpu = specs.make("01_pretraining", profile="cpu")
     assert smoke.size_ladder == ["tiny", "base"] and cpu.size_ladder == ["tiny", "small", "base"]
-    assert smoke.strict is False and cpu.strict is True
+    assert smoke.probe_facts < cpu.probe_facts and cpu.strict is False  # readers' runs never fail on a claim
     custom = specs.make("01", profile="cpu", seed=2, n_layer=4, probe_facts=10)
     assert (custom.n_layer, custom.seed, custom.probe_facts, custom.chapter) == (4, 2, 10, "01_pretraining")
 

@@ -10,7 +10,7 @@ from ftbook import cli, run
 FTBOOK = [sys.executable, "-m", "ftbook.cli"]
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["book"], ["report"], ["env"], ["data"], ["bench"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["book"], ["report"], ["reference"], ["env"], ["data"], ["bench"]])
 def test_every_command_has_help(command):
     done = subprocess.run(FTBOOK + command + ["--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "usage: ftbook" in done.stdout
@@ -30,6 +30,10 @@ def test_bench_help_lists_the_benchmarks_own_options():
     (["run", "01", "-p", "n_layer"], "key=value"),
     (["run", "01", "-p", "seed=1"], "set with --seed 1"),      # not silently run as seed 1 but filed as seed 0
     (["run", "01", "-p", "profile=smoke"], "set with --profile smoke"),   # not silently dropped
+    (["run", "01", "--seeds", "0-x"], "'seeds': must look like"),
+    (["reference", "04", "--profile", "smoke"], "smoke runs judge no claim"),
+    (["reference"], "or pass --all"),
+    (["reference", "98"], "unknown chapter"),
 ])
 def test_bad_input_is_one_clear_line_and_no_work(args, words, tmp_home):
     done = subprocess.run(FTBOOK + args, capture_output=True, text=True)
@@ -63,7 +67,7 @@ def test_cache_key_follows_notebook_parameters_and_source(tmp_path, monkeypatch)
     nb["cells"][-1]["source"] = ["# an edit\n"]  # ... a changed cell does
     copy.write_text(json.dumps(nb))
     assert run.cache_key(copy, {"profile": "cpu", "seed": 0}) != key
-    monkeypatch.setattr(run, "source_digest", lambda: "other ftbook source")
+    monkeypatch.setattr(run, "source_digest", lambda chapter=None: "other ftbook source")
     assert run.cache_key(notebook, {"profile": "cpu", "seed": 0}) != key
 
 
@@ -95,3 +99,59 @@ def test_a_failed_execution_is_not_cached(tmp_home, monkeypatch):
     with pytest.raises(run.ChapterFailed, match="01_pretraining"):
         run.execute("01", profile="smoke", seed=6, log=lambda *_: None)
     assert not list(run.cache_dir().glob("*.ipynb"))
+
+
+def test_seeds_read_as_ranges_or_lists():
+    assert cli.parse_seeds("0-9") == list(range(10))
+    assert cli.parse_seeds("0-2,7,1") == [0, 1, 2, 7]
+
+
+def test_a_chapters_source_digest_ignores_the_other_chapters_labs_and_specs(tmp_path, monkeypatch):
+    """After a change to one chapter's lab only that chapter's executions (and reference runs) are stale."""
+    package = tmp_path / "ftbook"
+    for rel in ("train.py", "labs/ch04_merging.py", "labs/ch06_forgetting.py", "specs/ch04_merging.py",
+                "methods/merge.py"):
+        (package / rel).parent.mkdir(parents=True, exist_ok=True)
+        (package / rel).write_text(f"# {rel}\n")
+    monkeypatch.setattr(run, "PACKAGE_DIR", package)
+    monkeypatch.setattr(run, "REPO_ROOT", tmp_path)
+    before = {ch: run.source_digest(ch) for ch in ("04_merging", "06_forgetting")}
+    (package / "labs/ch06_forgetting.py").write_text("# changed\n")
+    assert run.source_digest("04_merging") == before["04_merging"]
+    assert run.source_digest("06_forgetting") != before["06_forgetting"]
+    (package / "methods/merge.py").write_text("# changed\n")       # a method or core change: every chapter
+    assert run.source_digest("04_merging") != before["04_merging"]
+
+
+def test_reference_sweep_reuses_matching_runs_and_writes_results(tmp_home, tmp_path, monkeypatch):
+    """A record made by the same code with the default knobs counts as a reference run (a killed sweep resumes);
+    one made by other code, or with other knobs, does not."""
+    from ftbook import records, reference, specs
+
+    monkeypatch.setenv("FTBOOK_RESULTS", str(tmp_path / "results"))
+    code = run.code_digest("01_pretraining")
+    executed = []
+
+    def write(seed, *, code=code, **knobs):
+        cfg = specs.make("01", profile="cpu", seed=seed, **knobs)
+        records.write_record(chapter="01_pretraining", profile="cpu", seed=seed, parameters=cfg.to_dict(),
+                             metrics={}, started_at=0.0, code=code, claims=[
+                                 {"id": "a", "paper": "P", "claim": "c", "measured": float(seed), "op": ">",
+                                  "threshold": 0.5, "scale": "cpu", "holds": seed > 0.5}])
+
+    def fake_execute(chapter, *, profile, seed, **kwargs):
+        executed.append(seed)
+        write(seed)
+
+    write(0)
+    write(1, code={"source": "older code", "notebook": code["notebook"]})
+    write(2, probe_facts=8)
+    monkeypatch.setattr(run, "execute", fake_execute)
+    out = run.reference_sweep(["01"], seeds=[0, 1, 2, 3], log=lambda *_: None)
+    assert sorted(executed) == [1, 2, 3]           # seed 0 reused; 1 (other code) and 2 (other knobs) re-run
+    results = json.loads(out["01_pretraining"].read_text())
+    assert results["seeds"] == [0, 1, 2, 3] and results["claims"][0]["held"] == 3
+    assert reference.rates("01_pretraining")["a"]["values"] == [0.0, 1.0, 2.0, 3.0]
+    executed.clear()
+    run.reference_sweep(["01"], seeds=[0, 1, 2, 3], log=lambda *_: None)
+    assert executed == []                          # everything done: nothing runs again
