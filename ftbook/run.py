@@ -292,8 +292,11 @@ def reference_sweep(chapters: Iterable[str], *, seeds: Iterable[int] = tuple(ran
     names = [specs.resolve(notebook_path(ch).stem).name for ch in chapters]   # validate before any work
     seeds = list(seeds)
     codes = {name: code_digest(name) for name in names}
-    done = {(n, s): _matching_record(n, profile, s, codes[n], records.load_records()) for n in names for s in seeds}
-    todo = [key for key, rec in done.items() if rec is None]
+    recorded = records.load_records()
+    done = {(n, s): _matching_record(n, profile, s, codes[n], recorded) for n in names for s in seeds}
+    # seed by seed: every chapter's rate builds up together, and a seed's zoo models are pre-trained once, early
+    todo = sorted((key for key, rec in done.items() if rec is None),
+                  key=lambda k: (seeds.index(k[1]), names.index(k[0])))
     log(f"[reference] {len(done) - len(todo)} of {len(done)} runs reused; {len(todo)} to run, {jobs} at a time")
     started, finished = time.perf_counter(), [0]
 
