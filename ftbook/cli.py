@@ -111,6 +111,12 @@ def _cmd_reference(args) -> int:
     C.check_profile(args.profile)
     if args.profile == "smoke":
         raise C.ConfigError("profile", "smoke runs judge no claim; reference runs are for cpu (or scale, gpu)")
+    if args.from_records:
+        for chapter in chapters:
+            print(run.results_from_records(chapter, Path(args.from_records), seeds=parse_seeds(args.seeds),
+                                           profile=args.profile))
+        print(report.reference_text(args.profile))
+        return 0
     out = run.reference_sweep(chapters, seeds=parse_seeds(args.seeds), profile=args.profile, jobs=args.jobs,
                               write=not args.dry_run)
     print(report.reference_text(args.profile))
@@ -210,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="cpu", help="cpu (default), scale or gpu")
     p.add_argument("--jobs", type=int, default=2, help="notebooks executed side by side (default 2)")
     p.add_argument("--dry-run", action="store_true", help="run (or reuse) everything but write no results file")
+    p.add_argument("--from-records", metavar="DIR",
+                   help="run nothing: write the results from the default-knob records in DIR, whatever code made "
+                        "them (the chapter tests check that this code reproduces their seed-0 values)")
     p.set_defaults(func=_cmd_reference)
 
     p = sub.add_parser("book", help="execute every chapter (cached) and render the Jupyter Book")

@@ -264,16 +264,36 @@ def build_book(*, profile: str = "cpu", seed: int = 0, jobs: int = 1, execute_ch
 
 
 # --- reference runs ---------------------------------------------------------------------------------
-def _matching_record(chapter: str, profile: str, seed: int, code: dict, runs: list[dict]) -> dict | None:
-    """The newest record of ``chapter`` at ``seed`` made by this code with the profile's default knobs."""
+def _matching_record(chapter: str, profile: str, seed: int, code: dict | None, runs: list[dict]) -> dict | None:
+    """The newest record of ``chapter`` at ``seed`` made by this code (any code if ``code`` is None) with the
+    profile's default knobs."""
     defaults = {k: v for k, v in specs.make(chapter, profile, seed).to_dict().items() if k != "device"}
     for rec in reversed(runs):
         if (rec.get("chapter"), rec.get("profile"), rec.get("seed")) != (chapter, profile, seed):
             continue
         params = rec.get("parameters", {})
-        if rec.get("code") == code and all(params.get(k) == v for k, v in defaults.items()):
+        if (code is None or rec.get("code") == code) and all(params.get(k) == v for k, v in defaults.items()):
             return rec
     return None
+
+
+def results_from_records(chapter: str, directory: Path, *, seeds: Iterable[int] = tuple(range(10)),
+                         profile: str = "cpu") -> Path:
+    """Write a chapter's reference results from the newest default-knob records in ``directory``, whatever code
+    made them (e.g. a sweep run on a branch before a merge). The results keep that code's digests and git sha;
+    the chapter tests then check that this code reproduces their seed-0 values."""
+    from . import records, reference
+
+    name = specs.resolve(notebook_path(chapter).stem).name
+    recorded = records.load_records(Path(directory))
+    runs = [_matching_record(name, profile, s, None, recorded) for s in seeds]
+    missing = [s for s, r in zip(seeds, runs) if r is None]
+    if missing:
+        raise ConfigError("seeds", f"{directory} has no default-knob {profile} record of {name} at seeds {missing}")
+    code = {**(runs[-1].get("code") or {}), "git": runs[-1].get("git_sha")}
+    path = reference.results_path(name, profile)
+    atomic_write_text(path, reference.dumps(reference.summarize(runs, chapter=name, profile=profile, code=code)))
+    return path
 
 
 def reference_sweep(chapters: Iterable[str], *, seeds: Iterable[int] = tuple(range(10)), profile: str = "cpu",

@@ -129,3 +129,28 @@ def test_reference_results_cover_every_claim_judged_at_cpu(chapter, cpu_runs):
     assert not missing, f"no reference runs for {missing}: run `ftbook reference {chapter[:2]}` and commit results/"
     below = [f"{i}: {reference.rate_text(rates[i])}" for i in sorted(judged) if not reference.meets_standard(rates[i])]
     assert not below, f"claims judged at cpu below the 9/10 standard: {below}"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_this_code_reproduces_the_reference_runs_at_seed_0(chapter, cpu_runs):
+    """The committed reference results describe this code: on a machine of the same kind (float results differ
+    between AVX2 and AVX-512 kernels), every claim's value at seed 0 is the reference's seed-0 value."""
+    recs = [r for r in records.latest_records() if r["chapter"] == chapter and r["profile"] == "cpu"
+            and r["seed"] == 0]
+    results = reference.load(chapter, "cpu")
+    if not recs or not results or 0 not in results["seeds"]:
+        pytest.skip("no cpu run or no reference run at seed 0")
+    here, there = recs[0]["hardware"].get("vector_isa"), (results.get("hardware") or {}).get("vector_isa")
+    if here is None or here != there:
+        pytest.skip(f"reference runs made on {there}, this machine is {here}: float results may differ")
+    reference_values = {c["id"]: c["values"][c["seeds"].index(0)] for c in results["claims"]}
+    differ = [f"{c['id']}: {c['measured']!r} here, {reference_values[c['id']]!r} in the reference"
+              for c in recs[0]["claims"] if c["id"] in reference_values
+              and not _same(c["measured"], reference_values[c["id"]])]
+    assert not differ, differ
+
+
+def _same(a, b) -> bool:
+    if a is None or b is None or a != a or b != b:   # NaN is stored as null
+        return (a is None or a != a) and (b is None or b != b)
+    return a == b

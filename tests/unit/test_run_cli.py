@@ -155,3 +155,22 @@ def test_reference_sweep_reuses_matching_runs_and_writes_results(tmp_home, tmp_p
     executed.clear()
     run.reference_sweep(["01"], seeds=[0, 1, 2, 3], log=lambda *_: None)
     assert executed == []                          # everything done: nothing runs again
+
+
+def test_results_from_records_of_another_code_keep_that_codes_digest(tmp_home, tmp_path, monkeypatch):
+    from ftbook import records, reference, specs
+
+    monkeypatch.setenv("FTBOOK_RESULTS", str(tmp_path / "results"))
+    folder = tmp_path / "branch-records"
+    for seed in range(3):
+        cfg = specs.make("01", profile="cpu", seed=seed)
+        records.write_record(chapter="01_pretraining", profile="cpu", seed=seed, parameters=cfg.to_dict(),
+                             metrics={}, code={"source": "branch", "notebook": "nb"}, directory=folder, claims=[
+                                 {"id": "a", "paper": "P", "claim": "c", "measured": 1.0, "op": ">",
+                                  "threshold": 0.5, "scale": "cpu", "holds": True}])
+    path = run.results_from_records("01", folder, seeds=[0, 1, 2])
+    results = json.loads(path.read_text())
+    assert results["code"]["source"] == "branch" and results["claims"][0]["held"] == 3
+    assert reference.load("01_pretraining")["seeds"] == [0, 1, 2]
+    with pytest.raises(run.ConfigError, match="seeds \\[3\\]"):
+        run.results_from_records("01", folder, seeds=[0, 3])
