@@ -171,9 +171,17 @@ def pretrain(name: str, seed: int = 0, *, profile: str | None = None, progress: 
     return entry
 
 
+def _named(label: str, overrides: dict) -> tuple[str, dict]:
+    """A request's zoo name and recipe overrides: ``recipe`` names the zoo entry when the label is not one
+    (``{"small at a constant lr": {"recipe": "small", "schedule": "constant"}}``)."""
+    overrides = dict(overrides)
+    return overrides.pop("recipe", label), overrides
+
+
 def pretrain_many(requests: dict[str, dict], seed: int = 0, *, profile: str | None = None,
                   workers: int = 1) -> dict[str, Path]:
-    """:func:`pretrain` several zoo models (``{name: overrides}``) and return ``{name: entry}``.
+    """:func:`pretrain` several zoo models (``{label: overrides}``; ``overrides["recipe"]`` names the zoo entry when
+    the label is not one) and return ``{label: entry}``.
 
     With ``workers > 1`` the models not cached yet train side by side in single-thread worker processes
     (:class:`ftbook.parallel.Pool`), the biggest first; every run is seeded and single-threaded either way,
@@ -183,17 +191,18 @@ def pretrain_many(requests: dict[str, dict], seed: int = 0, *, profile: str | No
 
     from .parallel import Pool
 
-    missing = {name: overrides for name, overrides in requests.items()
+    named = {label: _named(label, overrides) for label, overrides in requests.items()}
+    missing = {label: (name, overrides) for label, (name, overrides) in named.items()
                if not is_cached(name, seed, profile, **overrides)}
     if missing:
-        jobs = {name: partial(pretrain, name, seed, profile=profile, progress=workers == 1, **overrides)
-                for name, overrides in missing.items()}
+        jobs = {label: partial(pretrain, name, seed, profile=profile, progress=workers == 1, **overrides)
+                for label, (name, overrides) in missing.items()}
         # cost ~ steps x weights per token: the biggest model starts first, the small ones fill the other worker
-        cost = {name: (r := recipe(name, profile, **overrides)).steps * r.n_layer * r.d_model ** 2
-                for name, overrides in missing.items()}
+        cost = {label: (r := recipe(name, profile, **overrides)).steps * r.n_layer * r.d_model ** 2
+                for label, (name, overrides) in missing.items()}
         with Pool(min(workers, len(jobs))) as pool:
             pool.map(jobs, cost=cost, desc="pre-train zoo models")
-    return {name: pretrain(name, seed, profile=profile, **overrides) for name, overrides in requests.items()}
+    return {label: pretrain(name, seed, profile=profile, **overrides) for label, (name, overrides) in named.items()}
 
 
 def _pretrain_into(entry: Path, name: str, rec: Recipe, seed: int, progress: bool) -> None:

@@ -199,6 +199,29 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+def headroom_gain_test(grid, *, measure: str = "fine_tuned_few", ceiling: float = 0.95,
+                       permutations: int = 2000, seed: int = 0) -> dict:
+    """Does fine-tuning gain most where the checkpoint cannot yet do the task — beyond the ceiling's arithmetic?
+
+    Over every (checkpoint, task) cell whose zero-shot accuracy leaves headroom (``< ceiling``), the gain is the share
+    of the headroom the fine-tune closes, ``(measure − zero_shot) / (1 − zero_shot)``: a fine-tune that lifts every
+    cell to 1 closes all of every headroom (no correlation), where the raw gain ``measure − zero_shot`` would be
+    ``1 − zero_shot`` and correlate −1 with zero-shot by construction. Returns the Spearman correlation of zero-shot
+    accuracy and the normalised gain, and the one-sided permutation p-value of a correlation this negative when the
+    gains are shuffled across cells (no relation at all)."""
+    zero_shot = np.asarray(grid["zero_shot"], dtype=float)
+    keep = zero_shot < ceiling
+    zs, ft = zero_shot[keep], np.asarray(grid[measure], dtype=float)[keep]
+    gain = (ft - zs) / (1 - zs)
+    if len(zs) < 4:
+        return {"rho": float("nan"), "p_value": float("nan"), "cells": int(len(zs))}
+    rho = spearman(zs, gain)
+    rng = np.random.default_rng(seed)
+    null = np.array([spearman(zs, rng.permutation(gain)) for _ in range(permutations)])
+    p_value = float((1 + np.sum(null <= rho)) / (1 + permutations)) if np.isfinite(rho) else float("nan")
+    return {"rho": rho, "p_value": p_value, "cells": int(len(zs)), "normalised_gain": gain, "zero_shot": zs}
+
+
 def latent_improvement(grid, *, flat: float = 0.15, measure: str = "fine_tuned_few"):
     """Amuro & Char's latent improvement, measured against the first checkpoint.
 

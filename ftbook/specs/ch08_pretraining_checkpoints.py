@@ -37,7 +37,7 @@ SPEC = ChapterSpec(
         revisions=[],                 # [] = every checkpoint the zoo keeps; or ['step3000', 'step33000', ...] (hub)
         tasks=["first", "last", "max", "length", "parity"],  # downstream task families (closed answer sets)
         train_examples=512,           # fine-tuning examples per task (and the probe's training set)
-        test_examples=64,             # held-out examples per task, each asked in every wording
+        test_examples=128,            # held-out examples per task, each asked in every wording (64: a coin-flip margin)
         finetune_steps=80,            # steps of every fine-tune (short: the checkpoint, not the tuning, should matter)
         finetune_lr=3e-3,
         finetune_batch=16,

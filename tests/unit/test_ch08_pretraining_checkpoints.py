@@ -233,3 +233,21 @@ def test_review_cell_scores_real_text_before_and_after_fine_tuning(tokenizer, ti
     assert all(0.0 <= cell[k] <= 1.0 for k in ("zero_shot", "probe", "fine_tuned", "majority"))
     assert cell["majority"] >= 0.5
     assert K.review_cell(lambda: (tiny, tokenizer), **knobs) == cell
+
+
+def test_headroom_gain_test_sees_a_real_relation_and_not_the_ceilings_arithmetic():
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    zero_shot = rng.uniform(0.05, 0.9, 40)
+    # a fine-tune that lifts every cell to the ceiling: raw gains correlate -1 with zero-shot, headroom shares do not
+    ceiling = pd.DataFrame({"zero_shot": zero_shot, "fine_tuned_few": np.ones(40)})
+    assert K.spearman(zero_shot, 1 - zero_shot) == pytest.approx(-1.0)
+    assert not K.headroom_gain_test(ceiling, seed=0)["p_value"] <= 0.05
+    # a fine-tune that closes more of the headroom where zero-shot was low: found
+    share = 0.9 - 0.8 * zero_shot + rng.normal(0, 0.05, 40)
+    closes_more = pd.DataFrame({"zero_shot": zero_shot, "fine_tuned_few": zero_shot + share * (1 - zero_shot)})
+    found = K.headroom_gain_test(closes_more, seed=0)
+    assert found["rho"] < -0.5 and found["p_value"] <= 0.01
+    # cells with no headroom are left out; too few cells give NaN, not a verdict
+    assert K.headroom_gain_test(closes_more.assign(zero_shot=0.99), seed=0)["cells"] == 0
