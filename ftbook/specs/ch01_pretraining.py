@@ -2,7 +2,13 @@
 from __future__ import annotations
 
 from ..config import ChapterSpec
-from ._checks import at_least, names_from
+from ._checks import at_least, known_names, names_from
+
+
+def _check_zoo_name(value: str) -> None:
+    from ..zoo import RECIPES
+
+    known_names(value, tuple(RECIPES), "zoo model")
 
 
 def _check_ladder(value: list) -> None:
@@ -19,10 +25,11 @@ SPEC = ChapterSpec(
         size_ladder=["tiny", "small", "base"],  # zoo models compared at equal tokens (smallest first)
         steps=None,                     # pre-training steps; None = the zoo recipe's (1200)
         lr=None,                        # peak learning rate; None = the zoo recipe's (3e-3)
+        curve_model="small",            # zoo shape trained once more at a constant lr (the loss-curve claims)
         probe_facts=256,                # facts asked per probe (seen and unseen each)
         workers=2,                      # processes: the ladder's models pre-train side by side (if not cached)
     ),
     diffs={"smoke": dict(size_ladder=["tiny", "base"], probe_facts=32, workers=1),
            "gpu": dict(workers=1)},     # one model at a time on the device
-    validators={"size_ladder": _check_ladder, "workers": at_least(1)},
+    validators={"size_ladder": _check_ladder, "curve_model": _check_zoo_name, "workers": at_least(1)},
 )
