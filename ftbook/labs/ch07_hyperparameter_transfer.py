@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ class RunSpec:
     warmup_steps: int = 10
     seed: int = 0
     qk_norm: bool = False
+    z_loss: float = 0.0            # weight of Wortsman et al.'s z-loss: z_loss · log²Z of the output normaliser Z
     base_width: int = 32
     n_layer: int = 2
     n_head: int = 4
@@ -77,7 +79,8 @@ def train_point(spec: RunSpec, train_ids: np.ndarray, val_ids: np.ndarray, *, pr
 
     history = train(model, datasets.Dataset.from_dict({"input_ids": train_ids}), cfg,
                     eval_data={"val": datasets.Dataset.from_dict({"input_ids": val_ids})},
-                    on_step=measure, param_groups=param_groups)
+                    on_step=measure, param_groups=param_groups,
+                    loss_fn=partial(loss_with_z_loss, weight=spec.z_loss) if spec.z_loss else None)
     final = history.iloc[-1]
     val = final.get("eval/val")
     val_loss = float(val) if val is not None and np.isfinite(val) else math.inf
@@ -85,6 +88,24 @@ def train_point(spec: RunSpec, train_ids: np.ndarray, val_ids: np.ndarray, *, pr
              for r in history.itertuples() if r.step > 0 and r.train_loss == r.train_loss]
     return {**asdict(spec), "val_loss": val_loss, "diverged": not math.isfinite(val_loss),
             "curve": curve, "sharpness": sharpness}
+
+
+def loss_with_z_loss(model, batch, *, weight: float) -> torch.Tensor:
+    """Next-token cross-entropy plus Wortsman et al.'s z-loss, ``weight · mean(log²Z)`` with ``Z`` the softmax
+    normaliser of the output logits: it keeps the output logits from drifting (their "output logit divergence")."""
+    logits = model(input_ids=batch["input_ids"]).logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    return ce + weight * torch.logsumexp(logits, dim=-1).pow(2).mean()
+
+
+def lr_sensitivity(losses: Sequence[float], *, init_loss: float) -> float:
+    """Wortsman et al.'s learning-rate sensitivity over a grid: the mean, over the learning rates, of how far the
+    final loss is above the best one, each loss capped at the loss at initialisation (a diverged run counts as no
+    better than not training): ``E_η[min(ℓ(η), ℓ0) − min_η ℓ(η)]``. 0 = every learning rate of the grid as good as the
+    best."""
+    capped = np.minimum(np.asarray(losses, dtype=float), init_loss)
+    return float(np.mean(capped - capped.min()))
 
 
 def _store_tokens(train_ids, val_ids) -> None:
@@ -104,8 +125,6 @@ def run_sweep(specs: Sequence[RunSpec], train_ids, val_ids, *, workers: int = 1,
     """Run every spec; with ``workers > 1`` in that many single-thread processes (each run is small:
     two processes of one thread beat one process of two threads on a 2-core machine). Results come
     back in the order of ``specs``, identical whatever ``workers`` is (each run is seeded)."""
-    from functools import partial
-
     from ..parallel import run_jobs
 
     specs = list(specs)
@@ -118,7 +137,7 @@ def run_sweep(specs: Sequence[RunSpec], train_ids, val_ids, *, workers: int = 1,
 def best_lr(results: Sequence[dict], parametrization: str, width: int) -> float:
     """The grid learning rate with the lowest validation loss (diverged runs count as infinite)."""
     rows = [r for r in results if r["parametrization"] == parametrization and r["width"] == width
-            and not r["qk_norm"]]
+            and not r["qk_norm"] and not r.get("z_loss")]
     return min(rows, key=lambda r: (r["val_loss"], r["lr"]))["lr"]
 
 
@@ -176,7 +195,7 @@ def frames(results: Sequence[dict]):
     step, train_loss, max_logit) and the sharpness measurements (``sharpness``)."""
     import pandas as pd
 
-    keys = ("parametrization", "width", "lr", "qk_norm", "seed")
+    keys = ("parametrization", "width", "lr", "qk_norm", "z_loss", "seed")
     runs = pd.DataFrame([{k: r[k] for k in (*keys, "val_loss", "diverged")} for r in results])
     curves = pd.DataFrame([{**{k: r[k] for k in keys}, **row} for r in results for row in r["curve"]])
     sharp = pd.DataFrame([{**{k: r[k] for k in keys}, **row} for r in results for row in r["sharpness"]])

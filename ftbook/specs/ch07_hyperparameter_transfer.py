@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..config import ChapterSpec, ConfigError, did_you_mean
-from ._checks import at_least, grid
+from ._checks import at_least, check_positive, grid
 
 
 def _check_widths(value: list) -> None:
@@ -45,6 +45,7 @@ SPEC = ChapterSpec(
         sharpness_every=25,       # steps between Hessian eigenvalue measurements
         instability_width=128,    # width of the qk-LayerNorm comparison
         instability_lr=0.064,     # high learning rate at which the instability claim is judged (nearest grid point)
+        z_loss=1e-4,              # weight of the z-loss arm (Wortsman et al. use 1e-4)
         workers=2,                # training processes (one torch thread each)
     ),
     diffs={
@@ -58,6 +59,6 @@ SPEC = ChapterSpec(
     },
     validators={"widths": _check_widths, "corpus": _check_corpus, "grid_points": at_least(3),
                 "workers": at_least(1), "train_docs": at_least(50), "sharpness_every": at_least(1),
-                "instability_width": at_least(8)},
+                "instability_width": at_least(8), "z_loss": check_positive},
     rules=(_instability_width_is_swept,),
 )

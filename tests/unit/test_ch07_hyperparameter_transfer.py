@@ -1,0 +1,37 @@
+"""Chapter 7's lab: the sweep's runs, Wortsman et al.'s learning-rate sensitivity and z-loss."""
+import pytest
+import torch
+
+from ftbook.labs import ch07_hyperparameter_transfer as lab
+from ftbook.methods import mup
+
+
+def test_lr_sensitivity_is_the_mean_excess_over_the_best_capped_at_initialisation():
+    assert lab.lr_sensitivity([2.0, 2.0, 2.0], init_loss=6.0) == 0.0
+    assert lab.lr_sensitivity([2.0, 3.0, float("inf")], init_loss=6.0) == pytest.approx((0 + 1 + 4) / 3)
+
+
+def test_z_loss_adds_the_penalty_on_the_output_normaliser():
+    model = mup.make_model(50, 32, "sp", seed=0, seq_len=8)
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+    plain = model(input_ids=ids, labels=ids).loss
+    with_z = lab.loss_with_z_loss(model, batch, weight=1e-2)
+    z = torch.logsumexp(model(input_ids=ids).logits[:, :-1].float(), -1).pow(2).mean()
+    assert torch.allclose(with_z, plain + 1e-2 * z, atol=1e-5) and with_z > plain
+
+
+def test_a_sweep_point_trains_and_reports_its_curve_and_the_z_loss_arm_changes_it():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    train_ids, val_ids = rng.integers(0, 40, (64, 16)), rng.integers(0, 40, (8, 16))
+    common = dict(steps=6, batch_size=4, warmup_steps=1, log_every=2, base_width=16, n_head=2)
+    plain = lab.train_point(lab.RunSpec("sp", 16, 0.01, **common), train_ids, val_ids)
+    again = lab.train_point(lab.RunSpec("sp", 16, 0.01, **common), train_ids, val_ids)
+    z = lab.train_point(lab.RunSpec("sp", 16, 0.01, z_loss=0.1, **common), train_ids, val_ids)
+    assert plain["val_loss"] == again["val_loss"] and np.isfinite(plain["val_loss"])   # seeded
+    assert [r["step"] for r in plain["curve"]] == [2, 4, 6] and plain["curve"][0]["max_logit"] > 0
+    assert z["val_loss"] != plain["val_loss"] and z["z_loss"] == 0.1
+    runs, curves, _ = lab.frames([plain, z])
+    assert list(runs.z_loss) == [0.0, 0.1] and lab.best_lr([plain, z], "sp", 16) == 0.01
