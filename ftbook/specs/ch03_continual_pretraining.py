@@ -24,7 +24,7 @@ SPEC = ChapterSpec(
         model="tiny:llama",           # the base: 'tiny:llama' = pre-trained on domain A in the chapter; or hf:/path:
         general_corpus="vader",       # domain A: 'vader' (real-text mix) or a hub dataset 'hf:org/name@config'
         n_layer=2, d_model=128,       # shape of the tiny base
-        general_docs=20000,           # documents of domain A (and of C) used at most (the shipped mix has ~19.8k)
+        general_docs=20000,           # documents of domain A (and of the Jargon File, for the vocabulary) at most
         vocab_size=1024, seq_len=64, batch_size=16,
         pretrain_steps=300,           # pre-training on A (tiny base only)
         warmup_steps=150,             # its (long) warm-up: a short one leaves the model on the unigram plateau

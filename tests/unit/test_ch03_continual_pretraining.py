@@ -88,7 +88,7 @@ def test_knowledge_task_splits_stated_facts_of_the_chosen_people():
     assert len(task.train) == round(0.3 * (len(task.train) + len(task.test)))
 
 
-def test_domain_b_states_facts_only_declaratively_and_tapt_text_covers_only_the_task_people():
+def test_domain_b_states_facts_only_declaratively_and_tapt_text_states_only_the_training_facts():
     world = CP.specialist_world(1, 12)
     docs = CP.specialist_documents(world, 200, seed=1)
     assert not any(d.startswith("q :") for d in docs)
@@ -96,10 +96,18 @@ def test_domain_b_states_facts_only_declaratively_and_tapt_text_covers_only_the_
     assert not any(w in cipher for d in docs for w in d.split())  # no second language in B
     task = CP.knowledge_task(world, 4, seed=1)
     others = set(world.entities) - set(task.entities)
-    tapt = CP.task_documents(world, task.entities, 100, seed=1)
+    tapt = CP.task_documents(world, task, 100, seed=1)
     words = {w for d in tapt for w in d.split()}
     assert not words & others and words & set(task.entities)
+    text = " ".join(tapt)
+    # the held-out facts' answers never appear next to their person: TAPT must not read the test's answers
+    stated = lambda f: any(t.format(e=f.entity, v=f.value) in text for t in D.FACT_TEMPLATES[f.attribute])
+    leaked = [f for f in task.test if stated(f)]
+    assert not leaked and any(stated(f) for f in task.train)
     assert CP.specialist_world(1, 12).entities == world.entities != CP.specialist_world(2, 12).entities
+    # the matched control domain: the same form, other people
+    control = CP.control_world(1, 12)
+    assert not set(control.entities) & set(world.entities)
 
 
 def test_qa_pairs_and_encoding_put_the_loss_on_the_answer():
