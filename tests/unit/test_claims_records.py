@@ -82,10 +82,22 @@ def test_reference_results_summarize_runs_per_claim(tmp_path, monkeypatch):
     assert reference.rate_text(b) == "7/10" and not reference.held_in_every_run(b)
     assert json.loads(reference.dumps(results)) == results    # the compact file is the same JSON
     assert reference.rates("01_pretraining")["b"]["values"][-1] == 0.5
-    assert reference.totals() == {"chapters": 1, "claims": 2, "meeting": 1, "every_run": 1}
+    assert reference.totals() == {"chapters": 1, "claims": 2, "meeting": 1, "every_run": 1, "stated_as_rates": 0}
+    # a claim stated as a rate ("holds in at least 7 of 10 seeds", decided in advance) meets its own standard
+    assert reference.meets_standard({**b, "standard": 0.7}) is True
     text = report.reference_text()
     assert "7/10" in text and "NO" in text
     assert "1 of the 2 claims" in report.reference_summary()
+
+
+def test_a_claim_stated_as_a_rate_carries_its_standard_into_the_record(tmp_home):
+    book = claims.ClaimBook(_cfg(strict=False))
+    book.check("r", paper="P", claim="TIES beats TA", measured=0.01, op=">", threshold=0, standard=0.7)
+    assert "stated as a rate: ≥ 70%" in book.table()["reference runs"][0]
+    book.finish()
+    assert records.load_records()[0]["claims"][0]["standard"] == 0.7
+    with pytest.raises(ValueError, match="standard"):
+        book.check("s", paper="P", claim="c", measured=0, op=">", threshold=0, standard=1.5)
 
 
 def test_claim_arguments_are_checked():
