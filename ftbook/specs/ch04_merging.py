@@ -26,12 +26,12 @@ SPEC = ChapterSpec(
         other_init="zoo:other-seed",   # a base pre-trained from another seed: the linear-mode-connectivity control
         tasks=list(TASKS),
         train_examples=1000,           # training pairs per task
-        eval_examples=200,             # test pairs per task (accuracy among the task's answers)
+        eval_examples=400,             # test pairs per task, scored among the task's answers (200: coin-flip margins)
         val_examples=100,              # validation pairs per task: every choice (λ, α, greedy soup) is made here
         seq_len=24, batch_size=16,
         steps=80,                      # fine-tuning steps of every ingredient
         lr=3e-4,                       # learning rate of the task vectors: small deltas, what DARE needs (Yu et al.)
-        wise_lr=1e-3,                  # the WiSE-FT fine-tune: large enough to forget the form pre-training used
+        multitask_lr=1e-3,             # the multi-task model negation subtracts task vectors from
         soup_lrs=[3e-4, 1e-3, 3e-3],     # soup ingredients: these learning rates ...
         soup_orders=2,                 # ... x this many data orders
         multitask_steps=120,           # the multi-task model a task vector is subtracted from (negation)
@@ -53,7 +53,7 @@ SPEC = ChapterSpec(
                       ties_scalings=[1.0], negation_scalings=[1.0], drop_rates=[0.0, 0.9], stat_examples=4, workers=1),
         "gpu": dict(model="hf:EleutherAI/pythia-160m", other_init="hf:EleutherAI/pythia-160m-seed1",
                     train_examples=4000, eval_examples=500, val_examples=300, seq_len=48, batch_size=32,
-                    steps=300, lr=1e-5, wise_lr=3e-5, soup_lrs=[1e-5, 2e-5, 5e-5], soup_orders=2,
+                    steps=300, lr=1e-5, multitask_lr=3e-5, soup_lrs=[1e-5, 2e-5, 5e-5], soup_orders=2,
                     multitask_steps=600, stat_examples=256, lora_rank=16, lora_lr=2e-4, workers=1),
     },
     validators={"model": pretrained_model, "other_init": _check_other_init,
@@ -61,7 +61,7 @@ SPEC = ChapterSpec(
                 "tasks": names_from(TASKS, "task", min_items=2, required=("facts",)),
                 "alphas": _check_alphas, "scalings": grid(0.0, 4.0, "scalings", min_items=1),
                 "drop_rates": grid(0.0, 0.999, "drop rates"), "soup_lrs": positive_items("learning rates", min_items=2),
-                "lr": check_positive, "wise_lr": check_positive,
+                "lr": check_positive, "multitask_lr": check_positive,
                 "ties_scalings": grid(0.0, 8.0, "scalings", min_items=1),
                 "negation_scalings": grid(0.0, 8.0, "scalings", min_items=1), "control_drop": check_open_unit,
                 "ties_density": check_open_unit,
