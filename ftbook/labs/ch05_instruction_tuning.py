@@ -113,7 +113,7 @@ def response(example: Example, style: str) -> str:
 
 
 _ANSWER_PATTERNS = {
-    "sort": r"\d( \d)*", "reverse": r"\d( \d)*", "parity": r"even|odd",
+    "sort": r"\d( \d)+", "reverse": r"\d( \d)+", "parity": r"even|odd",   # a list has two digits at least
 }
 
 
@@ -308,6 +308,14 @@ def held_out_attribute_pairs(world: D.World, held_out: str) -> tuple[list[tuple[
             D.question_pairs([f for f in seen if f.attribute == held_out]))
 
 
+def random_answers(pairs: Sequence[tuple[str, str]], *, seed: int) -> list[tuple[str, str]]:
+    """The same questions, each answered with a random value of its attribute (seeded): a tuning set with the
+    knowledge experiment's form and size but no facts in it — the control for what tuning on real answers does."""
+    rng = random.Random(f"random-answers-{seed}")
+    attribute_of = {v: a for a, values in D.ATTRIBUTES.items() for v in values}
+    return [(q, rng.choice(D.ATTRIBUTES[attribute_of[v]])) for q, v in pairs]
+
+
 def fact_instance_split(world: D.World, seed: int) -> dict[str, list[tuple[str, str]]]:
     """The superficial-alignment split (LIMA): question pairs of a seeded half of the seen facts (``tune``), of
     the other half (``read, not tuned``: pre-training stated them, tuning never asked them) and of the facts
@@ -436,9 +444,11 @@ def load_base_into_worker(model_spec: str, seed: int, profile: str, device: str 
 
 def tune_and_score(pairs: Sequence[tuple[str, str]] | None, tests: dict[str, Sequence[Example]], *, style: str,
                    tune_kwargs: dict, mask_prompt: bool = True, pack: bool = False,
-                   desc: str = "instruction-tune", show: Sequence[str] = ()) -> dict:
+                   desc: str = "instruction-tune", show: Sequence[str] = (),
+                   qa_asked: Sequence[tuple[str, str]] = ()) -> dict:
     """One arm, as a job: tune a copy of the worker's base on ``pairs`` (``None``: the base itself) and
-    :func:`score` it on every named test set (outputs kept); ``show`` instructions are answered greedily too."""
+    :func:`score` it on every named test set (outputs kept); ``show`` instructions are answered greedily too, and
+    ``qa_asked`` questions in pre-training's own ``q : … a :`` form (:func:`qa_skill`: the same format as the base)."""
     from ..evaluate import generate
     from ..parallel import worker_state
 
@@ -450,4 +460,6 @@ def tune_and_score(pairs: Sequence[tuple[str, str]] | None, tests: dict[str, Seq
            for name, examples in tests.items()}
     if show:
         out["shown"] = generate(model, tokenizer, [template.prompt(p) for p in show], max_new_tokens=16)
+    if qa_asked:
+        out["qa"] = qa_skill(model, tokenizer, qa_asked)
     return out

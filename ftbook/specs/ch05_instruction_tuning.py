@@ -31,7 +31,8 @@ SPEC = ChapterSpec(
     defaults=dict(
         model="zoo:base",              # the pre-trained base: chapter 1's zoo model, or hf:/path:
         instructions="synthetic",      # tuning data: the world's task families, or a hub dataset (gpu)
-        held_out_families=["min", "last", "successor"],  # never tuned on: the FLAN-style evaluation
+        # never tuned on: the FLAN-style evaluation — answer types (a list, even/odd) that no tuned family uses
+        held_out_families=["sort", "reverse", "parity"],
         family_counts=[1, 2, 4, 8],       # the family sweep: tuning families (nested sets, seeded order)
         family_orders=2,               # orders of the sweep averaged (each starts with another family)
         response_style="answer",       # 'answer' (the bare answer) or 'sentence' (pre-training's sentence)

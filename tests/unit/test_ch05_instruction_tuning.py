@@ -314,3 +314,19 @@ def test_fact_instance_split_halves_the_seen_facts_and_keeps_the_unseen_apart():
     assert abs(len(split["tune"]) - len(split["read, not tuned"])) <= 2
     assert len(split["never read"]) == sum(len(D.QUESTIONS[f.attribute]) for f in world.unseen_facts())
     assert split == I.fact_instance_split(world, seed=0) and split != I.fact_instance_split(world, seed=1)
+
+
+def test_random_answers_keep_the_questions_and_the_attribute_but_not_the_facts():
+    world = D.World(seed=0, n_entities=12)
+    tuning, _ = I.held_out_attribute_pairs(world, "pet")
+    control = I.random_answers(tuning, seed=0)
+    assert [q for q, _ in control] == [q for q, _ in tuning] and control == I.random_answers(tuning, seed=0)
+    attribute_of = {v: a for a, vs in D.ATTRIBUTES.items() for v in vs}
+    assert all(attribute_of[a] == attribute_of[v] for (_, a), (_, v) in zip(control, tuning))
+    assert sum(a != v for (_, a), (_, v) in zip(control, tuning)) > 0.6 * len(tuning)   # mostly wrong answers
+
+
+def test_a_single_number_is_not_a_list_answer():
+    """A held-out list family must be answered with a list: a tuned family's single digit does not pass for one."""
+    assert I.parse_response(f"3 {D.END}", "sort", "answer").follows_format is False
+    assert I.parse_response(f"1 3 4 {D.END}", "sort", "answer").follows_format is True
