@@ -181,3 +181,26 @@ def fact_answers(model, tokenizer, facts: Sequence[D.Fact], *, language: int = 1
     """Greedy exact match of the value when asked ``q : ... a :`` (in ``language``): what the model *says*."""
     prompts, answers = D.qa_pairs(facts, language=language)
     return task_accuracy(model, tokenizer, prompts, [a.removesuffix(" .") for a in answers], max_new_tokens=4)
+
+
+def forgetting_at_matched_learning(runs, *, reference: str = "full", learning: str = "target loss",
+                                   forgetting: str = "forgetting"):
+    """Biderman et al.'s comparison: each run of another method against ``reference`` *at the same learning*. The
+    reference method's runs over its learning-rate grid trace a curve of forgetting against target loss; each other
+    run is compared with that curve, linearly interpolated at its own target loss (runs outside the curve's range of
+    target losses are not compared). Returns one row per compared run: its forgetting, the reference's at the same
+    target loss, and their difference (reference − run: positive when the run forgets less)."""
+    import pandas as pd
+
+    curve = runs[runs.method == reference].sort_values(learning)
+    x, y = curve[learning].to_numpy(dtype=float), curve[forgetting].to_numpy(dtype=float)
+    rows = []
+    for run in runs[runs.method != reference].itertuples():
+        at = float(runs.loc[run.Index, learning])
+        if len(x) < 2 or not x.min() <= at <= x.max():
+            continue
+        matched = float(np.interp(at, x, y))
+        own = float(runs.loc[run.Index, forgetting])
+        rows.append({"method": run.method, "lr": run.lr, learning: at, "forgetting": own,
+                     f"{reference} at the same {learning}": matched, "forgets less by": matched - own})
+    return pd.DataFrame(rows)

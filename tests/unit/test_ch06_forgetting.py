@@ -89,3 +89,16 @@ def test_profiles_resolve():
     assert cpu.lora_ranks == [2, 8] and cpu.model == "zoo:base"
     gpu = specs.make("06_forgetting", profile="gpu")
     assert gpu.model.startswith("hf:") and gpu.target.startswith("hf:")
+
+
+def test_forgetting_at_matched_learning_interpolates_the_reference_curve():
+    import pandas as pd
+
+    runs = pd.DataFrame({"method": ["full"] * 3 + ["LoRA r=2"] * 3, "lr": [1e-4, 3e-4, 1e-3, 3e-4, 1e-3, 3e-3],
+                         "target loss": [2.0, 1.0, 0.5, 3.0, 1.5, 0.75],
+                         "forgetting": [0.1, 0.3, 0.6, 0.0, 0.1, 0.5]})
+    out = F.forgetting_at_matched_learning(runs)
+    # LoRA at 3.0 lies outside full's range (0.5-2.0): not compared; at 1.5 full forgets 0.2, at 0.75 it forgets 0.45
+    assert list(out.lr) == [1e-3, 3e-3]
+    assert out["full at the same target loss"].tolist() == pytest.approx([0.2, 0.45])
+    assert out["forgets less by"].tolist() == pytest.approx([0.1, -0.05])
