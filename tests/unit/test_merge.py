@@ -437,3 +437,15 @@ def test_bad_input_is_one_value_error_naming_the_argument(call, argument):
     with pytest.raises(ValueError) as error:
         call(a, b)
     assert str(error.value).startswith(argument), str(error.value)
+
+
+def test_a_greedy_soup_of_ingredients_that_do_not_average_keeps_one():
+    """Chapter 4's "keeps at least two" can fail: when every average scores worse than the best ingredient alone
+    (ingredients from different basins), the greedy soup is that ingredient and nothing else."""
+    models = [{"x": torch.tensor([-1.0])}, {"x": torch.tensor([0.8])}, {"x": torch.tensor([1.2])}]
+
+    def score(sd):  # two good basins, at -1 and +1; anything between them is bad
+        return -float(min((sd["x"] - 1) ** 2, (sd["x"] + 1) ** 2)) - (0.5 if abs(float(sd["x"])) < 0.9 else 0.0)
+
+    assert M.greedy_soup(models[:2], score).ingredients == [0]   # averaging -1 and +1 lands between the basins
+    assert len(M.greedy_soup(models[1:], score).ingredients) == 2  # two fine-tunes of one basin average well
