@@ -96,3 +96,13 @@ def setup(chapter: str, namespace: Mapping[str, Any] | None = None, *, quiet: bo
               f"device {device} · threads {torch.get_num_threads()} · torch {v.get('torch')} · "
               f"transformers {v.get('transformers')} · git {git_sha() or 'n/a'}")
     return cfg
+
+
+def show_source(obj):
+    """The source of a function or class of the book's package, for a chapter to show the code beside the maths
+    (as d2l and labml do): a syntax-highlighted block in the notebook and the rendered book."""
+    import inspect
+
+    from IPython.display import Code
+
+    return Code(inspect.getsource(obj), language="python")
