@@ -5,7 +5,8 @@ The setting (chapter 3). A model pre-trained on a *general* domain A is continue
 * A — real text of several kinds (news editorials, tweets, product and movie reviews, chat answers);
 * B — an encyclopaedia of a synthetic world: people and their facts, stated only in B's corpus, plus a little
   procedural prose. B carries *knowledge* A does not have, which is what domain-adaptive pre-training exploits;
-* C — an unrelated specialist domain (the Jargon File, a computing glossary), the control of Gururangan et al.
+* M — a matched control domain: the same kind of encyclopaedia about other people (:func:`control_world`), the
+  control of the DAPT comparison (it shares B's form, not its facts).
 
 Pieces:
 
@@ -13,7 +14,8 @@ Pieces:
 * :class:`Arm` / :func:`continual_arms` / :func:`arm_config` — the schedules compared at equal compute;
 * :func:`stability_gap` — rise, peak and recovery of a loss curve (Guo et al.);
 * :class:`KnowledgeTask` — a downstream question-answering task about B's people, whose answers are stated only
-  in B's corpus; :func:`task_documents` is its unlabelled text (TAPT), :func:`finetune_and_score` fine-tunes a
+  in B's corpus; :func:`task_documents` is its unlabelled text (TAPT: its training facts only),
+  :func:`finetune_and_score` fine-tunes a
   copy of a model on its labelled questions and scores the held-out ones.
 """
 from __future__ import annotations
