@@ -65,12 +65,23 @@ def held_in_every_run(entry: dict | None) -> bool:
     return entry["held"] == entry["judged"]
 
 
-def meets_standard(entry: dict | None) -> bool | None:
+def meets_standard(entry: dict | None, standard: float | None = None) -> bool | None:
     """Whether a judged claim holds in at least its standard share of its reference runs — :data:`STANDARD`, or the
-    lower rate a claim stated as a rate declared (None: not judged there)."""
+    lower rate a claim stated as a rate declares (``standard``: the chapter's current declaration, which wins over
+    the one recorded with the runs). None: not judged there."""
     if not entry or not entry.get("judged"):
         return None
-    return entry["held"] >= entry.get("standard", STANDARD) * entry["judged"] - 1e-9
+    standard = entry.get("standard", STANDARD) if standard is None else standard
+    return entry["held"] >= standard * entry["judged"] - 1e-9
+
+
+def as_declared(entry: dict, declared: dict | None) -> dict:
+    """A results entry with the standard and scale the chapter's code declares now (``declared``: from its latest
+    run record; a claim restated after the reference runs keeps its measured values and rate)."""
+    if not declared:
+        return entry
+    return {**entry, "standard": declared.get("standard", entry.get("standard", STANDARD)),
+            "scale": declared.get("scale", entry.get("scale"))}
 
 
 def summarize(runs: Iterable[dict], *, chapter: str, profile: str, code: dict) -> dict:
@@ -126,9 +137,12 @@ def all_results(profile: str = "cpu") -> list[dict]:
     return out
 
 
-def totals(profile: str = "cpu") -> dict:
-    """How many claims judged at ``profile`` meet the standard, over every chapter with reference results."""
-    judged = [c for r in all_results(profile) for c in r["claims"] if c.get("judged")]
+def totals(profile: str = "cpu", declared: dict | None = None) -> dict:
+    """How many claims judged at ``profile`` meet the standard, over every chapter with reference results
+    (``declared``: ``{(chapter, id): {"standard", "scale"}}`` as the chapters' code states them now)."""
+    declared = declared or {}
+    entries = [as_declared(c, declared.get((r["chapter"], c["id"]))) for r in all_results(profile) for c in r["claims"]]
+    judged = [c for c in entries if c.get("judged") and c.get("scale") != "gpu"]
     meeting = [c for c in judged if meets_standard(c)]
     return {"chapters": len(all_results(profile)), "claims": len(judged), "meeting": len(meeting),
             "every_run": sum(c["held"] == c["judged"] for c in judged),

@@ -62,15 +62,30 @@ def _mark(holds, value) -> str:
     return ("✓ " if holds else "✗ ") + ("—" if value is None else f"{value:.3g}")
 
 
-def reference_table(profile: str = "cpu") -> pd.DataFrame:
+def declared_claims(profile: str = "cpu", directory: Path | None = None) -> dict:
+    """``{(chapter, claim id): {"standard", "scale"}}`` as each chapter's latest run at ``profile`` declared them."""
+    out = {}
+    for rec in records.latest_records(directory):
+        if rec["profile"] == profile:
+            out.update({(rec["chapter"], c["id"]): {"standard": c.get("standard", reference.STANDARD),
+                                                    "scale": c.get("scale")} for c in rec.get("claims", [])})
+    return out
+
+
+def reference_table(profile: str = "cpu", declared: dict | None = None) -> pd.DataFrame:
     """One row per claim of every chapter with reference results: its rate and its value and verdict per seed."""
+    declared = declared_claims(profile) if declared is None else declared
     rows = []
     for results in reference.all_results(profile):
         for c in results["claims"]:
+            c = reference.as_declared(c, declared.get((results["chapter"], c["id"])))
+            judged_here = c.get("judged") and c.get("scale") != "gpu"
             row = {"chapter": results["chapter"], "id": c["id"], "threshold": f"{c['op']} {c['threshold']:g}",
-                   "held": reference.rate_text(c) if c.get("judged") else f"{c['scale']} only",
-                   "standard": f"{c.get('standard', reference.STANDARD):.0%}",
-                   "meets it": {True: "yes", False: "NO", None: "—"}[reference.meets_standard(c)]}
+                   "held": reference.rate_text(c) if judged_here else
+                   f"{c['scale']} only" + (f" ({reference.rate_text(c)} at {profile})" if c.get("judged") else ""),
+                   "standard": f"{c.get('standard', reference.STANDARD):.0%}" if judged_here else "—",
+                   "meets it": {True: "yes", False: "NO", None: "—"}[reference.meets_standard(c) if judged_here
+                                                                      else None]}
             row.update({f"seed {s}": _mark(h, v) for s, v, h in zip(c["seeds"], c["values"], c["holds"])})
             rows.append(row)
     return pd.DataFrame(rows)
@@ -78,7 +93,7 @@ def reference_table(profile: str = "cpu") -> pd.DataFrame:
 
 def reference_summary(profile: str = "cpu") -> str:
     """One sentence for the book's intro: how many claims meet the standard in the reference runs."""
-    t = reference.totals(profile)
+    t = reference.totals(profile, declared_claims(profile))
     if not t["claims"]:
         return "_No reference runs are recorded yet (`ftbook reference --all`)._"
     rates = (f" ({t['stated_as_rates']} of them stated as rates, e.g. \"holds in at least 7 of 10 seeds\", where the "
