@@ -90,6 +90,21 @@ def test_reference_results_summarize_runs_per_claim(tmp_path, monkeypatch):
     assert "1 of the 2 claims" in report.reference_summary()
 
 
+def test_the_chapters_current_declaration_wins_over_the_recorded_one(tmp_path, monkeypatch):
+    """A claim restated after the reference runs (as its measured rate, or moved to gpu scale) keeps its values;
+    the standard and scale are the ones the chapter's code declares now."""
+    from ftbook import reference
+
+    _reference(tmp_path, monkeypatch, held_b=7)
+    as_rate = {("01_pretraining", "b"): {"standard": 0.7, "scale": "cpu"}}
+    assert reference.totals(declared=as_rate)["meeting"] == 2
+    moved = {("01_pretraining", "b"): {"standard": 0.9, "scale": "gpu"}}
+    assert reference.totals(declared=moved) == {"chapters": 1, "claims": 1, "meeting": 1, "every_run": 1,
+                                                "stated_as_rates": 0}
+    table = report.reference_table(declared=moved)
+    assert table.set_index("id").loc["b", "held"] == "gpu only (7/10 at cpu)"
+
+
 def test_a_claim_stated_as_a_rate_carries_its_standard_into_the_record(tmp_home):
     book = claims.ClaimBook(_cfg(strict=False))
     book.check("r", paper="P", claim="TIES beats TA", measured=0.01, op=">", threshold=0, standard=0.7)
