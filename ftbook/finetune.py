@@ -26,12 +26,13 @@ def encode_pairs(prompts: Sequence[str], answers: Sequence[str], tokenizer, seq_
 
 
 def fitting_pairs(prompts: Sequence[str], answers: Sequence[str], tokenizer, seq_len: int) -> tuple[list, list]:
-    """The (prompt, answer) pairs whose row — ``prompt + " " + answer`` — fits ``seq_len`` tokens (what
+    """The (prompt, answer) pairs whose row — the prompt's tokens, then ``" " + answer``'s — fits ``seq_len`` (what
     :func:`encode_pairs` can encode without cutting an answer); the others are left out, in order."""
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-    lengths = [len(ids) for ids in tokenizer([p + " " + a for p, a in zip(prompts, answers)],
-                                             add_special_tokens=False)["input_ids"]]
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]   # counted as encode_pairs does
+    answer_ids = tokenizer([" " + a for a in answers], add_special_tokens=False)["input_ids"]
+    lengths = [len(p) + len(a) for p, a in zip(prompt_ids, answer_ids)]
     kept = [i for i, n in enumerate(lengths) if n <= seq_len]
     return [prompts[i] for i in kept], [answers[i] for i in kept]
 

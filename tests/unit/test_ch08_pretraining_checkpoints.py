@@ -233,3 +233,23 @@ def test_review_cell_scores_real_text_before_and_after_fine_tuning(tokenizer, ti
     assert all(0.0 <= cell[k] <= 1.0 for k in ("zero_shot", "probe", "fine_tuned", "majority"))
     assert cell["majority"] >= 0.5
     assert K.review_cell(lambda: (tiny, tokenizer), **knobs) == cell
+
+
+def test_every_fine_tune_of_the_grid_takes_the_chapters_device_and_precision(tiny, tokenizer, monkeypatch):
+    """ch 8 at gpu fine-tuned Pythia's checkpoints in fp32: the precision now reaches every fine-tune, and the
+    checkpoint is moved to the device it is scored and fine-tuned on."""
+    from ftbook import finetune as FT
+
+    model = tiny
+    seen = []
+    original = FT.finetune
+
+    def record(*args, **kwargs):
+        seen.append((kwargs["device"], kwargs["precision"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(K, "finetune_copy", record)
+    K.grid_cell(lambda: (model, tokenizer), "first", train_examples=8, test_examples=4, few_shot_examples=4,
+                few_shot_draws=1, seed=0, finetune_steps=1, finetune_lr=1e-3, finetune_batch=4, seq_len=32,
+                few_shot_steps=1, device="cpu", precision="bf16")
+    assert seen == [("cpu", "bf16"), ("cpu", "bf16")]

@@ -197,3 +197,15 @@ def test_scale_recipes_form_a_ladder_and_shrink_to_smoke_size():
     assert {r.train_tokens for r in ladder} == {1500 * 64 * 256} and ladder[1].n_entities == 256
     smoke = zoo.recipe("scale-base", "smoke")
     assert (smoke.n_layer, smoke.d_model, smoke.n_entities, smoke.steps, smoke.seq_len) == (2, 128, 64, 30, 64)
+
+
+def test_a_hub_revision_without_safetensors_is_refused_naming_it(monkeypatch):
+    """Some Pythia step branches hold only pytorch_model.bin (EleutherAI/pythia#206): the error names the revision."""
+    from transformers import AutoModelForCausalLM
+
+    def no_safetensors(*args, **kwargs):
+        raise OSError("EleutherAI/pythia-160m does not appear to have a file named model.safetensors")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_safetensors)
+    with pytest.raises(modeling.ModelSpecError, match=r"hf:EleutherAI/pythia-160m@step3000 has no safetensors"):
+        modeling.load_pretrained("EleutherAI/pythia-160m", revision="step3000")
