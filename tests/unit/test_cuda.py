@@ -67,7 +67,8 @@ def test_the_zoo_on_a_gpu_is_another_cache_entry_with_its_throughput(tmp_home):
 
     gpu = zoo.pretrain("tiny", 7, profile="smoke", progress=False, device="cuda", precision="auto")
     cpu_key = zoo.recipe("tiny", "smoke").key()
-    assert cpu_key not in gpu.name and gpu.name.endswith(zoo.recipe("tiny", "smoke").key(zoo.precision_class("cuda")))
+    gpu_key = zoo.recipe("tiny", "smoke").key(zoo.precision_class("cuda", "auto"))
+    assert gpu_key != cpu_key and gpu.name == f"tiny-s7-{gpu_key}"
     info = zoo.info("tiny", 7, "smoke", device="cuda", precision="auto")
     assert info["train_device"].startswith("NVIDIA") and info["tokens_per_second"] > 0 and info["mfu"] is not None
 
