@@ -81,7 +81,7 @@ def test_merging_fine_tunes_trained_on_the_gpu(tmp_home):
     base, tokenizer, world = L.load_base("zoo:base", 0, profile="smoke", device="cuda")
     theta_0 = M.snapshot(base)
     examples = L.task_examples("max", world, 32, split="train", seed=0)
-    tuned = M.snapshot(L.finetune(base, tokenizer, examples, steps=2, lr=1e-3, seed=0, seq_len=24, device="cuda",
+    tuned = M.snapshot(L.finetune(base, tokenizer, examples, steps=2, lr=1e-3, seed=0, seq_len=40, device="cuda",
                                   precision="auto"))
     assert {t.device.type for t in list(theta_0.values()) + list(tuned.values())} == {"cuda"}
     halfway = M.interpolate(theta_0, tuned, 0.5)
