@@ -116,8 +116,9 @@ def test_stand_in_models_train_a_step(stand_in_home):
 def test_setup_sets_the_switches_for_the_kernel_and_its_workers(monkeypatch, tmp_home):
     from ftbook import env, zoo
 
-    monkeypatch.setenv(standins.ENV, "0")
-    monkeypatch.setenv(zoo.DEVICE_ENV, "cpu")
+    for name, value in ((standins.ENV, "0"), (zoo.DEVICE_ENV, "cpu"), (zoo.PRECISION_ENV, "fp32")):
+        monkeypatch.setenv(name, value)   # restored after the test
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)   # setup would pin the test process to one thread
     cfg = env.setup("04_merging", {"profile": "smoke", "code_path": "gpu", "stand_ins": True}, quiet=True)
     assert standins.active() and cfg.device == "cpu" and zoo._default_device() == ("cpu", "auto")
     env.setup("04_merging", {"profile": "cpu"}, quiet=True)
