@@ -5,8 +5,11 @@ reference runs (seeds 0–9, :mod:`ftbook.reference`), plots the reference value
 (:meth:`ClaimBook.reference_figure`), and ends with :meth:`ClaimBook.finish`, which writes the run record. A claim
 that does not hold in this run is a verdict on the page, not a crash; with ``strict=True`` the run fails when a
 claim that held in *every* reference run does not hold (what the chapter tests check at seed 0). A claim that
-honestly needs GPU scale is declared with ``scale="gpu"``: it is measured and shown at every profile, but only
-judged at ``gpu``.
+honestly needs more scale is declared with ``scale="scale"`` (judged at the ``scale`` and ``gpu`` profiles: the
+book's own world and models, bigger) or ``scale="gpu"`` (only with real pre-trained hub models): it is measured and
+shown at every profile, but judged only there. A chapter's spec may also list claims declared ``"gpu"`` that its
+``scale`` profile judges (``ChapterSpec.judged_at_scale``). Runs on stand-ins (``stand_ins=True``: tiny local models
+and datasets in place of the hub's) judge nothing: their verdicts read "stand-in: not judged".
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ class Claim:
     measured: float
     op: str
     threshold: float
-    scale: str = "cpu"          # "cpu": judged at cpu and gpu; "gpu": judged at gpu only
+    scale: str = "cpu"          # the smallest profile that judges it: "cpu" (and every larger), "scale" or "gpu"
     holds: bool | None = None   # None: not judged at this profile
     note: str = ""
     standard: float = 0.9       # share of the reference runs it must hold in (a claim stated as a rate sets less)
@@ -51,13 +54,30 @@ class ClaimBook:
         self.claims: list[Claim] = []
         self.started_at = getattr(cfg, "_started_at", None) or time.time()
         # the profile's reference runs; smoke runs compare with nothing
-        self.reference = reference.rates(cfg.chapter, cfg.profile) if cfg.profile != "smoke" else {}
+        self.stand_ins = bool(cfg.get("stand_ins", False))
+        judged = cfg.profile != "smoke" and not self.stand_ins
+        self.reference = reference.rates(cfg.chapter, cfg.profile) if judged else {}
+
+    def _scale_of(self, id: str, scale: str) -> str:
+        """The claim's scale, moved down to "scale" when the chapter's spec says the scale profile judges it."""
+        if scale == "gpu":
+            from . import specs
+            from .config import ConfigError
+
+            try:
+                if id in specs.resolve(self.cfg.chapter).judged_at_scale:
+                    return "scale"
+            except ConfigError:  # a chapter without a spec: the claim keeps its own scale
+                pass
+        return scale
 
     def _judged_here(self, scale: str) -> bool:
+        from .config import SCALES
+
         profile = self.cfg.profile
-        if profile == "smoke":
-            return False  # smoke runs check the code path, not the science
-        return scale == "cpu" or profile == "gpu"
+        if profile == "smoke" or self.stand_ins:
+            return False  # smoke runs check the code path, stand-ins are not the models the claims are about
+        return SCALES.index(scale) <= SCALES.index(profile)
 
     def check(self, id: str, *, paper: str, claim: str, measured: float, op: str, threshold: float,
               scale: str = "cpu", note: str = "", standard: float = 0.9) -> Claim:
@@ -68,8 +88,11 @@ class ClaimBook:
         seeds", ``standard=0.7``), decided before the reference runs."""
         if op not in OPS:
             raise ValueError(f"op must be one of {list(OPS)}, got {op!r}")
-        if scale not in ("cpu", "gpu"):
-            raise ValueError(f"scale must be 'cpu' or 'gpu', got {scale!r}")
+        from .config import SCALES
+
+        if scale not in SCALES:
+            raise ValueError(f"scale must be one of {', '.join(map(repr, SCALES))}, got {scale!r}")
+        scale = self._scale_of(id, scale)
         if any(c.id == id for c in self.claims):
             raise ValueError(f"claim id {id!r} is used twice")
         if not 0 < standard <= 1:
@@ -86,7 +109,11 @@ class ClaimBook:
         from .reference import rate_text
 
         if c.holds is None:
-            return "checked at gpu scale only" if c.scale == "gpu" and self.cfg.profile != "smoke" else "not judged"
+            if self.stand_ins:
+                return "stand-in: not judged"
+            if self.cfg.profile == "smoke" or c.scale == "cpu":
+                return "not judged"
+            return "checked at gpu scale only" if c.scale == "gpu" else "checked at scale (and gpu) only"
         if c.holds:
             return "holds"
         rate = rate_text(self.reference.get(c.id))

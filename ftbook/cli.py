@@ -2,6 +2,8 @@
 
     ftbook run 01 --profile cpu -p n_layer=4     execute a chapter (papermill), cached
     ftbook run --all --jobs 2                    every chapter, two kernels side by side
+    ftbook run 04 --profile smoke --code-path gpu --stand-ins
+                                                 the gpu profile's code at smoke sizes, offline (tiny stand-ins)
     ftbook book                                  execute (cached) + render the Jupyter Book
     ftbook report                                claims x runs from the run records, and the reference rates
     ftbook reference --all --jobs 2              every chapter at seeds 0-9 -> results/cpu/*.json (resumable)
@@ -52,6 +54,10 @@ def _cmd_run(args) -> int:
     from . import run
 
     params = parse_parameters(args.parameter)
+    if args.stand_ins:
+        params["stand_ins"] = True
+    if args.code_path:
+        params["code_path"] = args.code_path
     if args.all:
         chapters = [str(p) for p in run.all_chapters()]
     elif args.chapter:
@@ -151,6 +157,17 @@ def _cmd_env(args) -> int:
             "FTBOOK_HOME": str(records.ftbook_home()), "records": str(records.records_dir()),
             "execution cache": str(run.cache_dir()), "chapters": [p.name for p in run.all_chapters()],
             "profiles": list(C.PROFILES)}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            from .train import peak_tflops
+
+            name = torch.cuda.get_device_name(0)
+            info["gpu"] = {"name": name, "bf16": torch.cuda.is_bf16_supported(including_emulation=False),
+                           "peak_tflops_bf16": peak_tflops(name)}
+    except ImportError:
+        pass
     zoo_dir = records.ftbook_home() / "zoo"
     info["zoo entries"] = sorted(p.name for p in zoo_dir.iterdir() if p.is_dir()) if zoo_dir.exists() else []
     try:
@@ -201,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="notebooks executed side by side (default 1)")
     p.add_argument("--no-cache", action="store_true", help="execute even if a cached result exists")
     p.add_argument("--progress", action="store_true", help="show papermill's per-cell progress bar")
+    p.add_argument("--code-path", help="take another profile's code path (its hub models and data, device, the knobs "
+                                       "it sets) at this profile's sizes, e.g. --profile smoke --code-path gpu")
+    p.add_argument("--stand-ins", action="store_true",
+                   help="replace every hub model and dataset by a tiny local stand-in of the same kind (offline; "
+                        "no claim is judged)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("reference", help="run chapters at the reference seeds 0-9 and write results/<profile>/",

@@ -20,7 +20,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-PROFILES = ("smoke", "cpu", "gpu")
+PROFILES = ("smoke", "cpu", "scale", "gpu")
+# Smallest to largest: a claim declared at one of these is judged there and at every larger one but smoke.
+SCALES = ("cpu", "scale", "gpu")
 
 
 def did_you_mean(value, known, *, spell: str = "'{}'") -> str:
@@ -38,12 +40,19 @@ class ConfigError(ValueError):
 
 
 # Settings every chapter has, per profile.
+# strict=True fails a run whose claim held in every reference run but not here; a reader's run never fails on a
+# claim (the table says "does not hold in this run"); the chapter tests apply the strict rule to seed 0.
+# code_path: another profile whose code path this run takes — its model and data ids, device and precision, and the
+# knob values it sets that this profile's diff does not (sizes stay this profile's): `profile="smoke",
+# code_path="gpu"` runs the gpu profile's code at smoke sizes. stand_ins=True replaces every hub model and dataset
+# by a tiny local stand-in of the same kind (ftbook.standins): the gpu code path offline, judging nothing.
+_SWITCHES = dict(code_path="", stand_ins=False)
 COMMON: dict[str, dict[str, Any]] = {
-    # strict=True fails a run whose claim held in every reference run but not here; a reader's run never fails on a
-    # claim (the table says "does not hold in this run"); the chapter tests apply the strict rule to seed 0.
-    "smoke": dict(device="cpu", threads=1, precision="fp32", strict=False),
-    "cpu": dict(device="cpu", threads=1, precision="fp32", strict=False),
-    "gpu": dict(device="auto", threads=0, precision="auto", strict=False),
+    "smoke": dict(device="cpu", threads=1, precision="fp32", strict=False, **_SWITCHES),
+    "cpu": dict(device="cpu", threads=1, precision="fp32", strict=False, **_SWITCHES),
+    # the book's own world and models at 10-50x the cpu size: no download, on whatever device there is
+    "scale": dict(device="auto", threads=0, precision="auto", strict=False, **_SWITCHES),
+    "gpu": dict(device="auto", threads=0, precision="auto", strict=False, **_SWITCHES),
 }
 
 
@@ -61,17 +70,34 @@ class ChapterSpec:
     validators: dict[str, Callable[[Any], None]] = field(default_factory=dict)
     # rules between knobs: function(resolved values) that raises ConfigError naming the knob at fault
     rules: tuple[Callable[[Mapping[str, Any]], None], ...] = ()
+    # claims the chapter declares at scale="gpu" whose mechanism needs only scale: the `scale` profile judges them
+    # too (the book's own world and models, bigger). A claim's own scale="scale" does the same.
+    judged_at_scale: tuple[str, ...] = ()
 
-    def values(self, profile: str) -> dict[str, Any]:
-        out = dict(COMMON[profile])
+    def values(self, profile: str, code_path: str = "") -> dict[str, Any]:
+        """The profile's values. With ``code_path`` (another profile): that profile's common settings, defaults and
+        diff, then this profile's diff on top — the other profile's code path at this profile's sizes."""
+        path = code_path or profile
+        out = dict(COMMON[path])
         out.update(self.defaults)
-        out.update(self.diffs.get(profile, {}))
+        out.update(self.diffs.get(path, {}))
+        if path != profile:
+            out.update(self.diffs.get(profile, {}))
+            out["threads"] = COMMON[profile]["threads"]
+            out["code_path"] = path
         return out
 
     def validate(self, profile: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
         """Check overrides against the knobs; return them cleaned (list knobs as lists). Raises ConfigError."""
         check_profile(profile)
-        base = self.values(profile)
+        code_path = overrides.get("code_path") or ""
+        if code_path:
+            if code_path not in PROFILES:
+                raise ConfigError("code_path", f"unknown profile {code_path!r}{did_you_mean(code_path, PROFILES)} "
+                                               f"(known: {', '.join(PROFILES)})")
+            if code_path == "smoke":
+                raise ConfigError("code_path", "'smoke' has no code path of its own; name cpu, scale or gpu")
+        base = self.values(profile, code_path)
         known = set(base) | {"seed", "profile"}
         clean: dict[str, Any] = {}
         for key, value in overrides.items():
@@ -104,7 +130,7 @@ class ChapterSpec:
         knob as ``None`` and papermill overrides only the ones given.
         """
         clean = self.validate(profile, {"seed": seed, **overrides})
-        values = self.values(profile)
+        values = self.values(profile, clean.get("code_path") or "")
         values.update({k: v for k, v in clean.items() if v is not None})
         values["profile"] = profile
         values["chapter"] = self.name

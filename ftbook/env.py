@@ -77,6 +77,11 @@ def setup(chapter: str, namespace: Mapping[str, Any] | None = None, *, quiet: bo
     seed = params.pop("seed", 0)
     cfg = specs.make(chapter, profile=profile, seed=seed, **params)
     device = resolve_device(cfg.device)
+    # For this kernel and the worker processes it starts (environment variables: workers inherit them): stand-ins on
+    # or off (ftbook.standins), and where the zoo pre-trains — where the chapter trains: the CPU in fp32 at smoke
+    # and cpu, the GPU at scale and gpu (ftbook.zoo.use_device).
+    os.environ["FTBOOK_STAND_INS"] = "1" if cfg.get("stand_ins") else "0"
+    os.environ["FTBOOK_ZOO_DEVICE"], os.environ["FTBOOK_ZOO_PRECISION"] = device, cfg.precision
     if cfg.threads:
         # One thread per process is fastest for these tiny models on 2 cores (run chapters side by side).
         torch.set_num_threads(cfg.threads)
@@ -92,7 +97,10 @@ def setup(chapter: str, namespace: Mapping[str, Any] | None = None, *, quiet: bo
         from .records import git_sha, versions
 
         v = versions()
-        print(f"ftbook {v.get('ftbook', '?')} · chapter {cfg.chapter} · profile {cfg.profile} · seed {cfg.seed} · "
+        path = (f" · {cfg.code_path} code path" if cfg.get("code_path") else "") + \
+            (" · STAND-INS for hub models and data" if cfg.get("stand_ins") else "")
+        print(f"ftbook {v.get('ftbook', '?')} · chapter {cfg.chapter} · profile {cfg.profile}{path} · "
+              f"seed {cfg.seed} · "
               f"device {device} · threads {torch.get_num_threads()} · torch {v.get('torch')} · "
               f"transformers {v.get('transformers')} · git {git_sha() or 'n/a'}")
     return cfg

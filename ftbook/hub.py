@@ -1,7 +1,8 @@
 """Hub datasets, the ``gpu`` profile's data: one reader, and the column layouts the chapters use.
 
 A dataset spec is ``hf:org/name`` or ``hf:org/name@config``. :func:`load_rows` is the one place the book calls
-``datasets.load_dataset``: it refuses at once when the run is offline (``HF_HUB_OFFLINE``), naming the dataset.
+``datasets.load_dataset``: it refuses at once when the run is offline (``HF_HUB_OFFLINE``), naming the dataset —
+unless stand-ins are on (:mod:`ftbook.standins`): then it reads the dataset's local stand-in, same columns and splits.
 The readers below turn a dataset's columns into what a chapter trains on.
 """
 from __future__ import annotations
@@ -21,7 +22,11 @@ def load_rows(spec: str, split: str):
     """The ``split`` of a hub dataset (``split`` may slice: ``"train[0:100]"``)."""
     import datasets
 
+    from . import standins
+
     name, config = parse_dataset_spec(spec)
+    if standins.active():
+        return standins.load_rows(name, config, split)
     if offline():
         raise ModelSpecError(f"{spec!r} needs the Hugging Face hub, but this run is offline "
                              f"(HF_HUB_OFFLINE/FTBOOK_OFFLINE is set)")

@@ -65,16 +65,30 @@ def offline() -> bool:
 
 def load_pretrained(name_or_path, *, revision: str | None = None, task: str = "causal-lm", dtype=None,
                     num_labels: int = 2):
-    """``from_pretrained`` with the book's safety rules: safetensors only, no remote code."""
+    """``from_pretrained`` with the book's safety rules: safetensors only, no remote code.
+
+    A hub id (a string) reads its local stand-in when stand-ins are on (:mod:`ftbook.standins`). A revision without
+    safetensors weights (some Pythia ``stepN`` branches hold only pickled ``.bin`` files) is refused with an error
+    naming the revision."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
+    from . import standins
+
+    shown = str(name_or_path) if isinstance(name_or_path, Path) else \
+        f"hf:{name_or_path}" + (f"@{revision}" if revision else "")
+    if not isinstance(name_or_path, Path) and standins.active():
+        try:
+            name_or_path = standins.model_path(str(name_or_path), revision)
+        except standins.StandInError as exc:
+            raise ModelSpecError(str(exc)) from None
+        revision = None
     local = isinstance(name_or_path, Path)
     if local:
         if not name_or_path.is_dir():
             raise ModelSpecError(f"model folder {str(name_or_path)!r} does not exist")
         if not any(name_or_path.glob("*.safetensors")):
-            raise ModelSpecError(f"model folder {str(name_or_path)!r} holds no .safetensors weights "
-                                 f"(the book never loads pickled weights)")
+            raise ModelSpecError(f"{shown} holds no .safetensors weights (only {_weight_files(name_or_path)}); the "
+                                 f"book never loads pickled weights — choose another revision or a safetensors copy")
     classes = {"causal-lm": AutoModelForCausalLM, "classification": AutoModelForSequenceClassification,
                "encoder": AutoModel}
     if task not in classes:
@@ -91,10 +105,19 @@ def load_pretrained(name_or_path, *, revision: str | None = None, task: str = "c
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=False,
                                                   revision=revision, local_files_only=local)
     except OSError as exc:
-        raise ModelSpecError(f"could not load {name_or_path!s}: {exc}") from exc
+        if "safetensors" in str(exc) or ".bin" in str(exc):
+            raise ModelSpecError(f"{shown} has no safetensors weights at this revision (some Pythia step branches "
+                                 f"hold only pickled .bin files; the book never loads those): choose another revision, "
+                                 f"or convert it to safetensors yourself — {exc}") from exc
+        raise ModelSpecError(f"could not load {shown}: {exc}") from exc
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _weight_files(folder: Path) -> str:
+    files = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".h5"))
+    return ", ".join(files) or "no weight files"
 
 
 def ensure_book_tokens(model, tokenizer):

@@ -71,7 +71,11 @@ def load(spec: str, *, seed: int = 0, tokenizer=None, task: str = "causal-lm", d
         return zoo.load(name, seed=seed, step=revision, profile=profile, **{**query, **overrides})
     if kind == "path":
         return load_pretrained(Path(name), task=task, dtype=dtype)
-    # hub
+    # hub (or its local stand-in: ftbook.standins)
+    from . import standins
+
+    if standins.active():
+        return load_pretrained(name, revision=revision, task=task, dtype=dtype)
     if offline():
         raise ModelSpecError(f"{spec!r} needs the Hugging Face hub, but this run is offline "
                              f"(HF_HUB_OFFLINE/FTBOOK_OFFLINE is set); use a 'zoo:' or 'path:' model")

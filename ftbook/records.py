@@ -106,6 +106,7 @@ def hardware() -> dict[str, Any]:
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
             info["gpu_count"] = torch.cuda.device_count()
+            info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2 ** 30, 1)
     except ImportError:
         pass
     return info
@@ -115,6 +116,18 @@ def peak_rss_mib() -> float:
     """Peak resident memory of this process so far, in MiB (``getrusage``: Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def gpu_peak_mib() -> float | None:
+    """The largest GPU memory this process's tensors held (``torch.cuda.max_memory_allocated``), or None without
+    a GPU in use (it is not initialised just to ask)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
 
 
 def peak_rss_mb() -> float:
@@ -209,6 +222,7 @@ def write_record(*, chapter: str, profile: str, seed: int, parameters: dict, met
         "wall_time_s": round(now - started_at, 2) if started_at else None,
         "peak_rss_mb": peak_rss_mb(),
         "workers_peak_rss_mb": round(workers_peak_rss_mib(), 1) or None,   # None: the run had no workers
+        "gpu_peak_mib": gpu_peak_mib(),   # None: the run used no GPU
     }
     directory = Path(directory or records_dir())
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f"{int((now % 1) * 1e6):06d}"

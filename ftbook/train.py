@@ -243,6 +243,47 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s, no sparsity) of GPUs the book is run on: the denominator of the
+# model-FLOPs utilisation (MFU) in run records. Matched against torch.cuda.get_device_name().
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0, "V100": 125.0,
+               "T4": 65.0}
+
+
+def peak_tflops(device_name: str | None) -> float | None:
+    """The dense half-precision peak of a GPU by its name (H100 PCIe: 756), or None when unknown (CPUs)."""
+    if not device_name:
+        return None
+    if "H100" in device_name and "PCIe" in device_name:
+        return 756.0
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in device_name), None)
+
+
+def model_flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x the weights of every matrix product (linear layers, the output layer included
+    even when tied to the embeddings; embedding look-ups cost nothing) + 12 x layers x width x context for attention
+    (PaLM's MFU accounting)."""
+    from transformers.pytorch_utils import Conv1D
+
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D)))
+    config = getattr(model, "config", None)
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0) or 0
+    width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0) or 0
+    return 6.0 * matmul + 12.0 * layers * width * seq_len
+
+
+def measured_throughput(model, *, tokens: int, seconds: float, seq_len: int, precision: str) -> dict:
+    """Tokens per second of a training run and its model-FLOPs utilisation (MFU: achieved / the device's peak;
+    None on a CPU or an unknown GPU, and for fp32 runs, whose tensor-core peak is another number)."""
+    device = next(model.parameters()).device
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    per_second = tokens / max(seconds, 1e-9)
+    flops = model_flops_per_token(model, seq_len) * per_second
+    peak = peak_tflops(name) if precision in ("bf16", "fp16") else None
+    return {"tokens_per_second": round(per_second, 1), "model_tflops_per_second": round(flops / 1e12, 3),
+            "mfu": round(flops / (peak * 1e12), 4) if peak else None, "train_device": name or device.type,
+            "train_precision": precision}
+
+
 def _autocast(device: torch.device, dtype, *, training: bool = False):
     """Autocast to ``dtype`` (None: none). On CPU, training in bf16/fp16 also picks the plain ("math")
     attention kernel: the fused CPU flash-attention backward is several times slower in bf16 than in
@@ -261,9 +302,38 @@ def _autocast(device: torch.device, dtype, *, training: bool = False):
     return stack
 
 
+# Above this many logits (rows x vocabulary), the loss is taken in chunks of rows, each recomputed in the backward pass
+# (checkpointed): a float32 copy of every logit at once — 10 GB for Qwen2.5's 151k-token vocabulary at 32 x 512 —
+# becomes one chunk's. The book's CPU models stay far below it and take the one-piece path.
+CHUNKED_LOSS_ABOVE = 2 ** 28
+LOSS_CHUNK = 2 ** 26     # logits per chunk
+
+
+def _token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+
+
+def chunked_loss_sum(logits: torch.Tensor, targets: torch.Tensor, *, chunk: int = LOSS_CHUNK) -> torch.Tensor:
+    """Summed cross-entropy of ``logits`` [rows, vocab] against ``targets`` [rows], ``chunk`` logits at a time: each
+    chunk's float32 copy lives only while its own loss (and, in the backward pass, its own gradient) is computed."""
+    from torch.utils.checkpoint import checkpoint
+
+    rows = max(1, chunk // logits.shape[-1])
+    total = logits.new_zeros((), dtype=torch.float32)
+    for start in range(0, logits.shape[0], rows):
+        piece, wanted = logits[start:start + rows], targets[start:start + rows]
+        if torch.is_grad_enabled() and piece.requires_grad:
+            total = total + checkpoint(_token_loss_sum, piece, wanted, use_reentrant=False)
+        else:
+            total = total + _token_loss_sum(piece, wanted)
+    return total
+
+
 def _loss_sum(model, batch: Mapping[str, torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy of a batch (positions whose target is -100 excluded)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+    if logits.numel() > CHUNKED_LOSS_ABOVE:
+        return chunked_loss_sum(logits.flatten(0, 1), targets.flatten())
     return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
                                              ignore_index=-100, reduction="sum")
 

@@ -7,6 +7,15 @@ version, so a changed recipe never reuses a stale model). The intermediate check
 
 A cache entry is complete only when its ``manifest.json`` (written last) lists the sha256 of every
 weight file; a truncated or corrupted entry is detected on load, removed, and reported.
+
+Device and precision. The zoo trains where the run that asks for a model trains: ``device``/``precision`` arguments,
+or the defaults :func:`use_device` sets (``ftbook.setup`` calls it with the chapter's device: the CPU in fp32 at the
+``smoke`` and ``cpu`` profiles, the GPU at ``scale`` and ``gpu``). The cache key holds the precision class a model
+was trained in, so a bf16 model trained on a GPU never replaces the bit-reproducible fp32 one (the key of an fp32
+entry is what it always was).
+
+The ``scale-*`` recipes are the ``scale`` profile's models: the same world, bigger (256 people, a 4096-token
+vocabulary, ~25 M training tokens) in a ladder from 4 x 256 to 12 x 768 — minutes on one GPU, hours on a CPU.
 """
 from __future__ import annotations
 
@@ -15,6 +24,7 @@ import difflib
 import fcntl
 import hashlib
 import json
+import os
 import random
 import shutil
 import time
@@ -53,20 +63,63 @@ class Recipe:
     keep_steps: tuple[int, ...] = (100, 200, 400, 800)  # intermediate checkpoints kept for later chapters
     eval_every: int = 100
 
-    def key(self) -> str:
-        blob = json.dumps({"format": ZOO_FORMAT, **asdict(self)}, sort_keys=True)
+    def key(self, precision: str = "fp32") -> str:
+        """The recipe's hash, with the precision class it is trained in (fp32 adds nothing: existing caches stay)."""
+        fields = {"format": ZOO_FORMAT, **asdict(self)}
+        if precision != "fp32":
+            fields["precision"] = precision
+        blob = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    @property
+    def train_tokens(self) -> int:
+        return self.steps * self.batch_size * self.seq_len
 
 
 # The named entries. `base` is the model most chapters fine-tune; tiny/small/base form a size ladder
 # trained on the same tokens (chapter 1 compares them).
+# The scale profile's world and schedule: 256 people, a 4096-token vocabulary, 1500 steps of 64 x 256 tokens
+# (24.6 M tokens, the 120 k documents seen ~5 times), checkpoints kept as the cpu recipe keeps them (in proportion).
+_SCALE = dict(vocab_size=4096, seq_len=256, batch_size=64, steps=1500, lr=1e-3, warmup_steps=150, n_entities=256,
+              n_docs=120_000, keep_steps=(125, 250, 500, 1000), eval_every=125)
 RECIPES: dict[str, Recipe] = {
     "tiny": Recipe(n_layer=1, d_model=64),
     "small": Recipe(n_layer=2, d_model=96),
     "base": Recipe(n_layer=2, d_model=128),
+    # the scale ladder (same tokens for every rung): 3.1 M, 25 M and 85 M non-embedding parameters
+    "scale-small": Recipe(n_layer=4, d_model=256, **_SCALE),
+    "scale-base": Recipe(n_layer=8, d_model=512, **_SCALE),
+    "scale-large": Recipe(n_layer=12, d_model=768, **_SCALE),
 }
-# The smoke profile trains these instead: seconds, not minutes.
+# The smoke profile trains these instead: seconds, not minutes. A recipe larger than the cpu base is also cut to its
+# shape and world (a smoke run checks the code path of the scale profile, not its size).
 SMOKE = dict(steps=30, warmup_steps=5, n_docs=600, keep_steps=(10, 20), eval_every=10, vocab_size=384)
+SMOKE_CAPS = dict(n_layer=2, d_model=128, n_entities=64, seq_len=64, batch_size=16)
+# Where the zoo trains when the caller does not say: environment variables, so that worker processes inherit them
+# (ftbook.setup sets them to the chapter's device; unset: the CPU in fp32).
+DEVICE_ENV, PRECISION_ENV = "FTBOOK_ZOO_DEVICE", "FTBOOK_ZOO_PRECISION"
+
+
+def use_device(device: str = "cpu", precision: str = "fp32") -> None:
+    """Train the zoo's models on ``device`` in ``precision`` unless a call says otherwise (``ftbook.setup`` does
+    this with the chapter's device: a cpu run pre-trains on the CPU in fp32 even where a GPU is visible)."""
+    os.environ[DEVICE_ENV], os.environ[PRECISION_ENV] = device, precision
+
+
+def _default_device() -> tuple[str, str]:
+    return os.environ.get(DEVICE_ENV) or "cpu", os.environ.get(PRECISION_ENV) or "fp32"
+
+
+def precision_class(device: str | None = None, precision: str | None = None) -> str:
+    """The precision a model trains in on ``device`` (``auto``: bf16 or fp16 on a GPU, fp32 on a CPU)."""
+    import torch
+
+    from .train import _auto_device, resolve_precision
+
+    device = device or _default_device()[0]
+    precision = precision or _default_device()[1]
+    device = _auto_device() if device == "auto" else device
+    return resolve_precision(precision, torch.device(device))
 
 
 def recipe(name: str, profile: str | None = None, **overrides) -> Recipe:
@@ -86,7 +139,8 @@ def recipe(name: str, profile: str | None = None, **overrides) -> Recipe:
         raise ModelSpecError(f"unknown zoo recipe field '{bad}'{hint}")
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None}
     if profile == "smoke":
-        overrides = {**SMOKE, **overrides}
+        caps = {k: min(getattr(RECIPES[name], k), cap) for k, cap in SMOKE_CAPS.items()}
+        overrides = {**SMOKE, **caps, **overrides}
     return replace(RECIPES[name], **overrides)
 
 
@@ -122,8 +176,8 @@ def tokenizer_for(recipe: Recipe, seed: int):
 
 
 # --- the cache --------------------------------------------------------------------------------------
-def entry_dir(name: str, recipe: Recipe, seed: int) -> Path:
-    return ftbook_home() / "zoo" / f"{name}-s{seed}-{recipe.key()}"
+def entry_dir(name: str, recipe: Recipe, seed: int, precision: str = "fp32") -> Path:
+    return ftbook_home() / "zoo" / f"{name}-s{seed}-{recipe.key(precision)}"
 
 
 @contextlib.contextmanager
@@ -154,20 +208,24 @@ def verify(entry: Path) -> dict:
     return manifest
 
 
-def is_cached(name: str, seed: int = 0, profile: str | None = None, **overrides) -> bool:
-    return (entry_dir(name, recipe(name, profile, **overrides), seed) / "manifest.json").exists()
+def is_cached(name: str, seed: int = 0, profile: str | None = None, *, device: str | None = None,
+              precision: str | None = None, **overrides) -> bool:
+    entry = entry_dir(name, recipe(name, profile, **overrides), seed, precision_class(device, precision))
+    return (entry / "manifest.json").exists()
 
 
 def pretrain(name: str, seed: int = 0, *, profile: str | None = None, progress: bool = True,
-             **overrides) -> Path:
-    """Return the cache entry of ``zoo:name`` at ``seed``, pre-training it first if needed."""
+             device: str | None = None, precision: str | None = None, **overrides) -> Path:
+    """Return the cache entry of ``zoo:name`` at ``seed``, pre-training it first if needed (on ``device`` in
+    ``precision``; None: :func:`use_device`'s, the CPU in fp32 unless a chapter said otherwise)."""
     rec = recipe(name, profile, **overrides)
-    entry = entry_dir(name, rec, seed)
+    device, precision = device or _default_device()[0], precision or _default_device()[1]
+    entry = entry_dir(name, rec, seed, precision_class(device, precision))
     with _locked(entry.with_name(entry.name + ".lock")):
         if (entry / "manifest.json").exists():
             verify(entry)
             return entry
-        _pretrain_into(entry, name, rec, seed, progress)
+        _pretrain_into(entry, name, rec, seed, progress, device=device, precision=precision)
     return entry
 
 
@@ -179,7 +237,7 @@ def _named(label: str, overrides: dict) -> tuple[str, dict]:
 
 
 def pretrain_many(requests: dict[str, dict], seed: int = 0, *, profile: str | None = None,
-                  workers: int = 1) -> dict[str, Path]:
+                  workers: int = 1, device: str | None = None, precision: str | None = None) -> dict[str, Path]:
     """:func:`pretrain` several zoo models (``{label: overrides}``; ``overrides["recipe"]`` names the zoo entry when
     the label is not one) and return ``{label: entry}``.
 
@@ -191,23 +249,27 @@ def pretrain_many(requests: dict[str, dict], seed: int = 0, *, profile: str | No
 
     from .parallel import Pool
 
+    device, precision = device or _default_device()[0], precision or _default_device()[1]
+    where = dict(device=device, precision=precision)
     named = {label: _named(label, overrides) for label, overrides in requests.items()}
     missing = {label: (name, overrides) for label, (name, overrides) in named.items()
-               if not is_cached(name, seed, profile, **overrides)}
+               if not is_cached(name, seed, profile, **where, **overrides)}
     if missing:
-        jobs = {label: partial(pretrain, name, seed, profile=profile, progress=workers == 1, **overrides)
+        jobs = {label: partial(pretrain, name, seed, profile=profile, progress=workers == 1, **where, **overrides)
                 for label, (name, overrides) in missing.items()}
         # cost ~ steps x weights per token: the biggest model starts first, the small ones fill the other worker
         cost = {label: (r := recipe(name, profile, **overrides)).steps * r.n_layer * r.d_model ** 2
                 for label, (name, overrides) in missing.items()}
         with Pool(min(workers, len(jobs))) as pool:
             pool.map(jobs, cost=cost, desc="pre-train zoo models")
-    return {label: pretrain(name, seed, profile=profile, **overrides) for label, (name, overrides) in named.items()}
+    return {label: pretrain(name, seed, profile=profile, **where, **overrides)
+            for label, (name, overrides) in named.items()}
 
 
-def _pretrain_into(entry: Path, name: str, rec: Recipe, seed: int, progress: bool) -> None:
+def _pretrain_into(entry: Path, name: str, rec: Recipe, seed: int, progress: bool, *, device: str = "cpu",
+                   precision: str = "fp32") -> None:
     from . import modeling
-    from .train import TrainConfig, train
+    from .train import TrainConfig, measured_throughput, train
 
     work = entry.with_name(entry.name + ".partial")  # checkpoints here survive a crash: resume
     work.mkdir(parents=True, exist_ok=True)
@@ -224,11 +286,13 @@ def _pretrain_into(entry: Path, name: str, rec: Recipe, seed: int, progress: boo
                       schedule=rec.schedule, eval_every=rec.eval_every, seed=seed,
                       checkpoint_steps=keep + (rec.steps,), checkpoint_dir=str(work / "train"),
                       progress=progress, desc=f"pre-train zoo:{name} (seed {seed})",
-                      # a GPU when there is one (bf16/fp16 from the device); on a CPU: fp32, bit-reproducible
-                      device="auto", precision="auto")
+                      # the caller's device: on a CPU fp32, bit-reproducible; on a GPU bf16/fp16 (another cache key)
+                      device=device, precision=precision)
     started = time.perf_counter()
     history = train(model, train_blocks, cfg, eval_data=evals)
     seconds = time.perf_counter() - started
+    throughput = measured_throughput(model, tokens=rec.train_tokens, seconds=seconds, seq_len=rec.seq_len,
+                                     precision=history.attrs.get("precision", "fp32"))
 
     # Export every kept step as a loadable model folder (safetensors + config + tokenizer).
     # A copy, not model.state_dict(): that returns the live tensors, which loading an intermediate
@@ -248,7 +312,7 @@ def _pretrain_into(entry: Path, name: str, rec: Recipe, seed: int, progress: boo
     history.to_json(work / "history.json", orient="records")
     info = {"name": name, "seed": seed, "recipe": asdict(rec), "parameters": modeling.count_parameters(model),
             "train_tokens": int(rec.steps * rec.batch_size * rec.seq_len), "train_seconds": round(seconds, 1),
-            "corpus_documents": len(texts["train"])}
+            "corpus_documents": len(texts["train"]), **throughput}
     (work / "info.json").write_text(json.dumps(info, indent=2))
     files = {str(p.relative_to(work)): sha256_file(p) for p in sorted(work.rglob("*")) if p.is_file()}
     atomic_write_text(work / "manifest.json", json.dumps({"files": files, "created": time.time()}, indent=1))

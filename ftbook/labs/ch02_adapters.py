@@ -389,9 +389,17 @@ def load_classifier(spec: str, num_labels: int, *, seed: int = 0, random_init: b
     elif kind == "path":
         source = Path(name)
     elif kind == "hf":
-        if modeling.offline():
+        from .. import standins
+
+        if standins.active():  # its local stand-in: same class and tokenizer type (ftbook.standins)
+            try:
+                source = standins.model_path(name, revision)
+            except standins.StandInError as exc:
+                raise modeling.ModelSpecError(str(exc)) from None
+        elif modeling.offline():
             raise modeling.ModelSpecError(f"{spec!r} needs the Hugging Face hub, but this run is offline")
-        source = name
+        else:
+            source = name
     else:
         raise modeling.ModelSpecError(f"a classifier needs a zoo:, path:, hf: or 'minilm' model, got {spec!r}")
     local = isinstance(source, Path)

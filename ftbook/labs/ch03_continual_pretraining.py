@@ -285,11 +285,13 @@ def task_documents(world: D.World, task: KnowledgeTask, n_docs: int, *, seed: in
 
 
 def finetune_and_score(model, tokenizer, task: KnowledgeTask, *, steps: int, lr: float, batch_size: int,
-                       seq_len: int, seed: int, progress: bool = False, desc: str = "fine-tune") -> dict:
-    """Fine-tune a *copy* of ``model`` on the task's labelled questions; accuracy on train / test / unstated."""
+                       seq_len: int, seed: int, device: str = "cpu", precision: str = "fp32", progress: bool = False,
+                       desc: str = "fine-tune") -> dict:
+    """Fine-tune a *copy* of ``model`` on the task's labelled questions (on ``device``, in ``precision``: where the
+    chapter trains); accuracy on train / test / unstated."""
     from ..finetune import finetune
 
     tuned = finetune(model, encode_qa(task.train, tokenizer, seq_len), steps=steps, lr=lr, seed=seed,
-                     batch_size=batch_size, progress=progress, desc=desc)
+                     batch_size=batch_size, device=device, precision=precision, progress=progress, desc=desc)
     return {"train": qa_accuracy(tuned, tokenizer, task.train), "test": qa_accuracy(tuned, tokenizer, task.test),
             "unstated": qa_accuracy(tuned, tokenizer, task.unstated) if task.unstated else float("nan")}

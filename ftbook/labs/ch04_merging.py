@@ -282,19 +282,21 @@ def negation_scaling(work, tokenizer, model_state: Mapping, tau: Mapping, grid: 
     return chosen
 
 
-def load_base(spec: str, seed: int, *, profile: str):
-    """``(model, tokenizer, world)`` of the chapter's base: a zoo model with the world it was pre-trained on, or a
-    hub / local model (gpu) with the world of seed ``seed`` (its facts are then new to the model)."""
+def load_base(spec: str, seed: int, *, profile: str, device: str = "cpu"):
+    """``(model, tokenizer, world)`` of the chapter's base, on ``device``: a zoo model with the world it was
+    pre-trained on, or a hub / local model (gpu) with the world of seed ``seed`` (its facts are then new to the
+    model). On the chapter's device, so that its snapshot θ₀ sits where the fine-tunes' weights will (merges need
+    one device)."""
     from .. import models, zoo
 
     if spec.startswith("zoo:"):
         name = spec[4:]
         model, tokenizer = zoo.load(name, seed, profile=profile, progress=False)
-        return model, tokenizer, zoo.world_of(name, seed, profile=profile)
+        return model.to(device), tokenizer, zoo.world_of(name, seed, profile=profile)
     model, tokenizer = models.load(spec)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer, D.World(seed=seed)
+    return model.to(device), tokenizer, D.World(seed=seed)
 
 
 def pretrain_other_init(spec: str, model_spec: str, seed: int, *, profile: str, n_seeds: int = 3) -> None:
@@ -306,15 +308,15 @@ def pretrain_other_init(spec: str, model_spec: str, seed: int, *, profile: str, 
         zoo.pretrain(model_spec[4:], (seed + 1) % n_seeds, profile=profile, progress=False)
 
 
-def other_init(spec: str, model_spec: str, seed: int, *, profile: str, n_seeds: int = 3):
+def other_init(spec: str, model_spec: str, seed: int, *, profile: str, n_seeds: int = 3, device: str = "cpu"):
     """The control base pre-trained from another initialisation. ``'zoo:other-seed'``: the same zoo recipe
     pre-trained with seed ``(seed + 1) % n_seeds`` (seeds 0-2 are cached; the book's tokenizer is shared by all
     seeds, so the two bases agree token for token); otherwise a model spec (gpu: another pre-training run)."""
     if spec == "zoo:other-seed":
         if not model_spec.startswith("zoo:"):
             raise ValueError("other_init='zoo:other-seed' needs a zoo model; give a hub model for other_init")
-        return load_base(model_spec, (seed + 1) % n_seeds, profile=profile)[0]
-    return load_base(spec, seed, profile=profile)[0]
+        return load_base(model_spec, (seed + 1) % n_seeds, profile=profile, device=device)[0]
+    return load_base(spec, seed, profile=profile, device=device)[0]
 
 
 def cosine_table(task_vectors: Mapping[str, Mapping]):

@@ -407,6 +407,25 @@ def real_chat_pairs(n: int, tokenizer, seq_len: int, *, seed: int, split: str = 
     return fitting([(q, a) for q, a in pairs if q and a], tokenizer, seq_len, template)[:n]
 
 
+def hub_chat_pairs(spec: str, n: int, tokenizer, seq_len: int, *, template: ChatTemplate | None = None,
+                   ) -> list[tuple[str, str]]:
+    """The first ``n`` pairs of a hub instruction set (``hf:databricks/databricks-dolly-15k``, Alpaca, LIMA) that fit
+    ``seq_len`` tokens in the template: the real chat pairs mixed into every tuning run at the ``gpu`` profile, as
+    chatterbot's are at ``cpu`` — ``chat_pairs`` of them, the same in every arm, so that the arms still differ only
+    in their own pairs (reading the whole set into every arm buried the LIMA arms' sizes under 10 k Dolly pairs)."""
+    from .. import hub
+
+    out: list[tuple[str, str]] = []
+    offset, chunk = 0, max(64, 2 * n)
+    while len(out) < n:
+        rows = hub.instruction_pairs(spec, chunk, offset=offset)
+        out += fitting(rows, tokenizer, seq_len, template)
+        if len(rows) < chunk:   # the set ran out
+            break
+        offset += chunk
+    return out[:n]
+
+
 def fitting(pairs: Sequence[tuple[str, str]], tokenizer, seq_len: int,
             template: ChatTemplate | None = None) -> list[tuple[str, str]]:
     """The pairs whose prompt, response and end token fit one row of ``seq_len`` tokens (:func:`encode_chat`
@@ -418,16 +437,18 @@ def fitting(pairs: Sequence[tuple[str, str]], tokenizer, seq_len: int,
 
 def tune(model, tokenizer, pairs: Sequence[tuple[str, str]], *, steps: int, lr: float, batch_size: int,
          seq_len: int, seed: int, mask_prompt: bool = True, pack: bool = False, device: str = "cpu",
-         precision: str = "fp32", desc: str = "instruction-tune"):
+         precision: str = "fp32", desc: str = "instruction-tune", grad_accum: int = 1,
+         gradient_checkpointing: bool = False):
     """A tuned copy of ``model`` on ``pairs`` in the chat template (the book's loop via
     :func:`ftbook.finetune.finetune`; warm-up over the first tenth, cosine decay); ``pack`` packs the pairs
-    into rows (:func:`encode_chat`)."""
+    into rows (:func:`encode_chat`). ``grad_accum`` and ``gradient_checkpointing`` fit a big model on a small GPU."""
     from ..finetune import finetune
     from ..train import TensorData
 
     rows = encode_chat(pairs, tokenizer, seq_len, mask_prompt=mask_prompt, pack=pack)
     tuned = finetune(model, TensorData(rows), steps=steps, lr=lr, seed=seed, batch_size=batch_size, device=device,
-                     precision=precision, desc=desc)
+                     precision=precision, desc=desc, grad_accum=grad_accum,
+                     gradient_checkpointing=gradient_checkpointing)
     tuned.eval()
     return tuned
 

@@ -129,13 +129,14 @@ def mix_facts(known: Sequence[D.Fact], unknown: Sequence[D.Fact], n: int, unknow
 def finetune_curve(model, data, *, steps: int, lr: float, seed: int, rank: int | None = None,
                    batch_size: int = 16, warmup_steps: int = 10, schedule: str = "cosine", every: int = 0,
                    measure: Callable | None = None, keep_weights: bool = False, device: str = "cpu",
-                   precision: str = "fp32", desc: str = "fine-tune"):
+                   precision: str = "fp32", desc: str = "fine-tune", grad_accum: int = 1,
+                   gradient_checkpointing: bool = False):
     """Fine-tune a *copy* of ``model`` — fully (``rank=None``) or with LoRA of rank ``rank`` — measured on the way.
 
     ``measure(model) -> dict`` is recorded before the first step and every ``every`` steps (and at the end);
     ``keep_weights`` also keeps :func:`ftbook.methods.weightspace.adapted_weights` at those steps (for comparisons
     at matched loss). Returns ``(tuned model, curve)``: the curve has a ``step`` column, the measures, and
-    ``weights`` if kept.
+    ``weights`` if kept. ``grad_accum`` / ``gradient_checkpointing``: :func:`ftbook.finetune.finetune`'s memory knobs.
     """
     import pandas as pd
 
@@ -151,8 +152,34 @@ def finetune_curve(model, data, *, steps: int, lr: float, seed: int, rank: int |
     prepare = None if rank is None else partial(with_lora, rank=rank, seed=seed)
     tuned = finetune(model, data, steps=steps, lr=lr, seed=seed, batch_size=batch_size, warmup_steps=warmup_steps,
                      schedule=schedule, device=device, precision=precision, desc=desc, prepare=prepare,
-                     on_step=record)
+                     on_step=record, grad_accum=grad_accum, gradient_checkpointing=gradient_checkpointing)
     return tuned, pd.DataFrame(rows)
+
+
+def hub_target_pairs(spec: str, n_train: int, n_eval: int, tokenizer, seq_len: int):
+    """``(train_prompts, train_answers, eval_prompts, eval_answers)`` of a hub query/response set (MetaMathQA): the
+    first ``n_train`` and the next ``n_eval`` pairs whose row fits ``seq_len`` tokens (:func:`ftbook.finetune.
+    fitting_pairs`; a worked answer longer than that would otherwise stop the run). Rows are read in order, so the
+    held-out pairs never overlap the training ones."""
+    from ..finetune import fitting_pairs
+    from ..hub import query_response_pairs
+
+    prompts: list[str] = []
+    answers: list[str] = []
+    offset, chunk = 0, max(256, (n_train + n_eval) // 4)
+    while len(prompts) < n_train + n_eval:
+        rows = query_response_pairs(spec, chunk, offset=offset)
+        kept = fitting_pairs(*rows, tokenizer, seq_len)
+        prompts += kept[0]
+        answers += kept[1]
+        if len(rows[0]) < chunk:   # the set ran out
+            break
+        offset += chunk
+    if len(prompts) < n_train + n_eval:
+        raise ValueError(f"{spec} has only {len(prompts)} pairs that fit seq_len={seq_len}; "
+                         f"{n_train} + {n_eval} were asked for")
+    cut = n_train + n_eval
+    return prompts[:n_train], answers[:n_train], prompts[n_train:cut], answers[n_train:cut]
 
 
 def matched_snapshot(curve, column: str, value: float):

@@ -41,6 +41,7 @@ class RunSpec:
     sharpness_iters: int = 20
     log_every: int = 5
     device: str = "cpu"
+    precision: str = "fp32"
 
 
 def train_point(spec: RunSpec, train_ids: np.ndarray, val_ids: np.ndarray, *, progress: bool = False) -> dict:
@@ -73,7 +74,7 @@ def train_point(spec: RunSpec, train_ids: np.ndarray, val_ids: np.ndarray, *, pr
         measure(0, model)
     cfg = TrainConfig(steps=spec.steps, lr=spec.lr, batch_size=spec.batch_size, warmup_steps=spec.warmup_steps,
                       schedule="cosine", min_lr_ratio=0.1, weight_decay=0.0, log_every=spec.log_every,
-                      seed=spec.seed, device=spec.device, progress=progress,
+                      seed=spec.seed, device=spec.device, precision=spec.precision, progress=progress,
                       desc=f"{spec.parametrization} w={spec.width} lr={spec.lr:.3g}")
     import datasets
 

@@ -129,23 +129,24 @@ def wording_gap(by_wording: dict[int, float], tuned: Sequence[int] = TUNED_PHRAS
 # --- fine-tuning ----------------------------------------------------------------------------------------------
 def finetune(model, tokenizer, examples: Sequence[Example], *, steps: int, lr: float, batch_size: int = 16,
              seq_len: int = 40, seed: int = 0, phrasings: Sequence[int] = TUNED_PHRASINGS,
-             device: str = "cpu", progress: bool = False, desc: str = "fine-tune"):
+             device: str = "cpu", precision: str = "fp32", progress: bool = False, desc: str = "fine-tune"):
     """A fine-tuned *copy* of ``model`` on task examples, each asked in one of ``phrasings``
     (:func:`finetune_pairs`)."""
     return finetune_pairs(model, tokenizer, instruction_rows(examples, phrasings, seed=seed), steps=steps, lr=lr,
-                          batch_size=batch_size, seq_len=seq_len, seed=seed, device=device, progress=progress,
-                          desc=desc)
+                          batch_size=batch_size, seq_len=seq_len, seed=seed, device=device, precision=precision,
+                          progress=progress, desc=desc)
 
 
 def finetune_pairs(model, tokenizer, pairs: Sequence[tuple[str, str]], *, steps: int, lr: float,
                    batch_size: int = 16, seq_len: int = 40, seed: int = 0, device: str = "cpu",
-                   progress: bool = False, desc: str = "fine-tune"):
+                   precision: str = "fp32", progress: bool = False, desc: str = "fine-tune"):
     """A fine-tuned *copy* of ``model``: (instruction, answer) pairs in the chat format, loss on the answer only.
 
     Warm-up over the first tenth, cosine decay, no weight decay; the same data order for every checkpoint
     (seeded), so that checkpoints differ only in their weights."""
     tuned = finetune_copy(model, D.encode_instructions(pairs, tokenizer, seq_len), steps=steps, lr=lr, seed=seed,
-                          batch_size=batch_size, weight_decay=0.0, device=device, progress=progress, desc=desc)
+                          batch_size=batch_size, weight_decay=0.0, device=device, precision=precision,
+                          progress=progress, desc=desc)
     tuned.eval()
     return tuned
 
@@ -256,8 +257,8 @@ def step_of(name: str, final_step: int) -> int:
 
 # --- small pre-training runs with a varying amount of (mis)aligned data (Isik et al.) --------------------------
 def pretrain_snapshots(model, blocks, *, snapshot_steps: Sequence[int], lr: float, batch_size: int,
-                       warmup_steps: int, seed: int, device: str = "cpu", progress: bool = False,
-                       desc: str = "pre-train") -> dict[int, dict[str, torch.Tensor]]:
+                       warmup_steps: int, seed: int, device: str = "cpu", precision: str = "fp32",
+                       progress: bool = False, desc: str = "pre-train") -> dict[int, dict[str, torch.Tensor]]:
     """Pre-train ``model`` in place and keep its weights after each of ``snapshot_steps``.
 
     The learning rate is held constant after the warm-up, so the snapshot at step ``s`` is (up to the data
@@ -275,7 +276,8 @@ def pretrain_snapshots(model, blocks, *, snapshot_steps: Sequence[int], lr: floa
             keep[step] = {k: v.detach().clone() for k, v in core.state_dict().items()}
 
     config = TrainConfig(steps=wanted[-1], lr=lr, batch_size=batch_size, warmup_steps=min(warmup_steps, wanted[0]),
-                         schedule="constant", seed=seed, device=device, progress=progress, desc=desc)
+                         schedule="constant", seed=seed, device=device, precision=precision, progress=progress,
+                         desc=desc)
     train(model, blocks, config, on_step=on_step)
     return keep
 
@@ -297,7 +299,8 @@ def few_shot_sets(family: str, n: int, draws: int, *, seed: int) -> list[list[Ex
 def evaluate_checkpoint(model, tokenizer, family: str, train: Sequence[Example], test: Sequence[Example], *,
                         finetune_steps: int, finetune_lr: float, finetune_batch: int, seq_len: int, seed: int,
                         probe_l2: float = 1e-3, facts=None, few_shot: Sequence[Sequence[Example]] = (),
-                        few_shot_steps: int = 40, device: str = "cpu", desc: str = "fine-tune") -> dict:
+                        few_shot_steps: int = 40, device: str = "cpu", precision: str = "fp32",
+                        desc: str = "fine-tune") -> dict:
     """One cell of the grid: zero-shot, linear probe, fine-tune, and what the fine-tune cost.
 
     Returns accuracies (``zero_shot``, ``probe``, ``fine_tuned`` on the tuned wordings, ``held_out_wordings``),
@@ -313,7 +316,7 @@ def evaluate_checkpoint(model, tokenizer, family: str, train: Sequence[Example],
            "probe": probe_accuracy(model, tokenizer, train, test, l2=probe_l2),
            "gap_before": wording_gap(before)}
     tuned = finetune(model, tokenizer, train, steps=finetune_steps, lr=finetune_lr, batch_size=finetune_batch,
-                     seq_len=seq_len, seed=seed, device=device, desc=desc)
+                     seq_len=seq_len, seed=seed, device=device, precision=precision, desc=desc)
     after = accuracy_by_wording(tuned, tokenizer, test)
     row.update(fine_tuned=float(np.mean([after[p] for p in TUNED_PHRASINGS])),
                held_out_wordings=float(np.mean([after[p] for p in HELD_OUT_PHRASINGS])),
@@ -326,7 +329,8 @@ def evaluate_checkpoint(model, tokenizer, family: str, train: Sequence[Example],
         row["fine_tuned_few"] = float(np.mean([
             instruction_accuracy(finetune(model, tokenizer, small, steps=few_shot_steps, lr=finetune_lr,
                                           batch_size=min(finetune_batch, len(small)), seq_len=seq_len,
-                                          seed=seed + draw, device=device, desc=f"{desc} (few-shot)"),
+                                          seed=seed + draw, device=device, precision=precision,
+                                          desc=f"{desc} (few-shot)"),
                                  tokenizer, test, TUNED_PHRASINGS)
             for draw, small in enumerate(few_shot)]))
     return row
@@ -338,6 +342,7 @@ def grid_cell(load, family: str, *, train_examples: int, test_examples: int, few
     :class:`ftbook.parallel.Pool`: with ``load`` a ``functools.partial`` of a module function (e.g.
     ``zoo.load``) it pickles, and each worker loads its own copy of the checkpoint."""
     model, tokenizer = load()
+    model = model.to(finetune.get("device", "cpu"))  # scored and probed where it is fine-tuned
     train = sample_examples(family, train_examples, seed=seed, split="train")
     test = sample_examples(family, test_examples, seed=seed, split="test")
     few = few_shot_sets(family, few_shot_examples, few_shot_draws, seed=seed) if few_shot_draws else ()
@@ -373,12 +378,14 @@ def review_instruction(text: str, tokenizer, seq_len: int) -> str:
 
 
 def review_cell(load, *, train: Sequence[tuple[str, str]], test: Sequence[tuple[str, str]], steps: int, lr: float,
-                batch_size: int, seq_len: int, seed: int, probe_l2: float = 1e-3, device: str = "cpu") -> dict:
+                batch_size: int, seq_len: int, seed: int, probe_l2: float = 1e-3, device: str = "cpu",
+                precision: str = "fp32") -> dict:
     """One checkpoint on real-text sentiment: before fine-tuning (the chat instruction, ranking the two answers),
     a linear probe of its frozen features, and after a short fine-tune (loss on the answer only)."""
     from ..evaluate import LinearProbe, last_token_states
 
     model, tokenizer = load()
+    model = model.to(device)
     train_instructions = [review_instruction(text, tokenizer, seq_len) for text, _ in train]
     test_prompts = [D.chat_prompt(review_instruction(text, tokenizer, seq_len)) for text, _ in test]
     answers = [answer for _, answer in test]
@@ -386,7 +393,7 @@ def review_cell(load, *, train: Sequence[tuple[str, str]], test: Sequence[tuple[
     probe = LinearProbe(2, l2=probe_l2).fit(features[:len(train)], [REVIEW_ANSWERS.index(a) for _, a in train])
     tuned = finetune_pairs(model, tokenizer, list(zip(train_instructions, [a for _, a in train])), steps=steps,
                            lr=lr, batch_size=batch_size, seq_len=seq_len, seed=seed, device=device,
-                           desc="fine-tune (reviews)")
+                           precision=precision, desc="fine-tune (reviews)")
     return {"zero_shot": ranked_accuracy(model, tokenizer, test_prompts, answers, REVIEW_ANSWERS),
             "probe": probe.accuracy(features[len(train):], [REVIEW_ANSWERS.index(a) for a in answers]),
             "fine_tuned": ranked_accuracy(tuned, tokenizer, test_prompts, answers, REVIEW_ANSWERS),

@@ -93,6 +93,12 @@ def _shape(mapping: Mapping, key: str) -> tuple[int, ...]:
     return tuple(mapping[key].shape)
 
 
+def _device(mapping: Mapping, key: str) -> torch.device:
+    if isinstance(mapping, TaskVector):
+        return mapping.base[key].device
+    return mapping[key].device
+
+
 def check_compatible(models: Sequence[Mapping], argument: str = "state_dicts", *,
                      reference: Mapping | None = None, reference_name: str | None = None,
                      indexed: bool = True) -> list[str]:
@@ -118,6 +124,10 @@ def check_compatible(models: Sequence[Mapping], argument: str = "state_dicts", *
             if _shape(model, key) != _shape(reference, key):
                 raise ValueError(f"{_at(argument, i)}[{key!r}] has shape {list(_shape(model, key))}, "
                                  f"{reference_name} has {list(_shape(reference, key))}")
+            if _device(model, key) != _device(reference, key):
+                raise ValueError(f"{_at(argument, i)}[{key!r}] is on {_device(model, key)}, {reference_name} on "
+                                 f"{_device(reference, key)}: merge state dicts on one device "
+                                 f"(snapshot(model, device=...) copies a model's weights to one)")
     return keys
 
 
@@ -205,11 +215,14 @@ def _stream(reference: Mapping, keys: Iterable[str], merge_one: Callable[[str], 
     return out
 
 
-def snapshot(model: nn.Module) -> StateDict:
+def snapshot(model: nn.Module, device: str | torch.device | None = None) -> StateDict:
     """A detached copy of ``model``'s state dict (tied tensors stay tied) — safe to keep while the model's
-    weights are overwritten by a merge."""
+    weights are overwritten by a merge. ``device``: where the copy lives (default: where each weight is); merges
+    need all their state dicts on one device."""
     state = model.state_dict()
-    return _stream(state, state.keys(), lambda k: state[k].detach().clone())
+    if device is None:
+        return _stream(state, state.keys(), lambda k: state[k].detach().clone())
+    return _stream(state, state.keys(), lambda k: state[k].detach().to(device, copy=True))
 
 
 def load(model: nn.Module, state_dict: Mapping) -> nn.Module:

@@ -92,7 +92,9 @@ class Attention(nn.Module):
         self.k_norm = nn.LayerNorm(cfg.d_head) if cfg.qk_norm else nn.Identity()
         self.register_buffer("causal", torch.ones(cfg.seq_len, cfg.seq_len, dtype=torch.bool).tril(),
                              persistent=False)
-        self.max_logit = 0.0  # largest |attention logit| of the last forward pass (the instability probe)
+        # largest |attention logit| of the last forward pass (the instability probe); a tensor, read when asked
+        # (GPT.max_attention_logit): a float() here would stop a GPU once per layer and forward pass
+        self.max_logit = torch.zeros(())
 
     def forward(self, x):
         B, T, C = x.shape
@@ -102,7 +104,7 @@ class Attention(nn.Module):
         # Written out (not F.scaled_dot_product_attention): the logits are probed, and the Hessian-vector
         # products of ftbook.methods.curvature need double backward through every op.
         logits = (q @ k.transpose(-2, -1)) * self.cfg.attn_scale
-        self.max_logit = float(logits.detach().abs().max())
+        self.max_logit = logits.detach().abs().max()
         logits = logits.masked_fill(~self.causal[:T, :T], float("-inf"))
         y = logits.softmax(-1) @ v
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
@@ -152,7 +154,7 @@ class GPT(nn.Module):
                 nn.init.normal_(p, std=p.shape[1] ** -0.5)
 
     def max_attention_logit(self) -> float:
-        return max(b.attn.max_logit for b in self.blocks)
+        return float(torch.stack([b.attn.max_logit.to(self.wte.weight.device) for b in self.blocks]).max())
 
     def forward(self, input_ids, labels=None, attention_mask=None):
         T = input_ids.shape[1]

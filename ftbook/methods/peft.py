@@ -135,6 +135,10 @@ def validate(model, mc: MethodConfig) -> MethodConfig:
             raise ConfigError("dropout", f"must be a number in [0, 1), got {mc.dropout!r}")
     if mc.method in ("prefix", "prompt"):
         positive_int("virtual_tokens")
+    if mc.method == "prefix" and not takes_past_key_values(model):
+        raise ConfigError("method", f"prefix tuning hands its key/value prefix to the model as past key values, and "
+                                    f"{type(model).__name__} takes none, nor does its backbone: leave 'prefix' out "
+                                    f"of the methods for this model")
     if mc.method == "bottleneck":
         positive_int("bottleneck_size")
     if head_name(model) is None and (mc.method == "head" or mc.train_head):
@@ -271,6 +275,20 @@ def _peft_config(model, mc: MethodConfig):
     raise AssertionError(mc.method)
 
 
+def takes_past_key_values(model) -> bool:
+    """Whether prefix tuning can reach ``model``'s attention: its forward (or its backbone's, as peft looks) takes
+    ``past_key_values`` — or ``cache``, which :func:`_accept_past_key_values` maps the old name onto."""
+    import inspect
+
+    modules = [model, getattr(model, getattr(model, "base_model_prefix", ""), None)]
+    for module in modules:
+        if module is not None:
+            params = inspect.signature(type(module).forward).parameters
+            if "past_key_values" in params or "cache" in params:
+                return True
+    return False
+
+
 def _forward_with_past_key_values(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
                                   past_key_values=None, **kwargs):
     if past_key_values is not None:
@@ -279,16 +297,32 @@ def _forward_with_past_key_values(self, input_ids=None, attention_mask=None, inp
                               labels=labels, **kwargs)
 
 
+def _forward_with_cache(self, *args, past_key_values=None, **kwargs):
+    if past_key_values is not None:
+        kwargs["cache"] = past_key_values
+    return type(self).forward(self, *args, **kwargs)
+
+
 def _accept_past_key_values(model) -> None:
     """peft 0.21 hands prefix tuning's key/value prefix over as ``past_key_values``; transformers 5 renamed
-    that argument ``cache`` in Llama-style models. Give this model a forward that accepts the old name (a
-    bound method, so ``copy.deepcopy`` rebinds it to the copy). A no-op for models that still take it."""
+    that argument ``cache`` — in Llama-style models, and in the backbone of encoders (RoBERTa, BERT), whose
+    classification models take neither. Give the model (or, for an encoder, its backbone, which peft calls then) a
+    forward that accepts the old name (a bound method, so ``copy.deepcopy`` rebinds it to the copy). A no-op for
+    models that still take it."""
     import inspect
     import types
 
     params = inspect.signature(type(model).forward).parameters
-    if "past_key_values" not in params and "cache" in params:
+    if "past_key_values" in params:
+        return
+    if "cache" in params:
         model.forward = types.MethodType(_forward_with_past_key_values, model)
+        return
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if backbone is not None:
+        inner = inspect.signature(type(backbone).forward).parameters
+        if "past_key_values" not in inner and "cache" in inner:
+            backbone.forward = types.MethodType(_forward_with_cache, backbone)
 
 
 def apply(model, mc: MethodConfig | str, *, seed: int = 0, **knobs):

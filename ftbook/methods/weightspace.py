@@ -20,10 +20,12 @@ from ..modeling import LLAMA_LINEAR_LAYERS
 
 
 def singular_values(matrix) -> np.ndarray:
-    """Singular values of a 2-D tensor/array, largest first (float64).
+    """Singular values of a 2-D tensor/array, largest first (float64; a tensor already on a GPU: computed there).
 
     torch, not numpy: torch keeps to the one thread a chapter sets; numpy's BLAS starts one per core and, on a
     shared 2-core machine, ran 20x slower."""
+    if isinstance(matrix, torch.Tensor) and matrix.device.type != "cpu":
+        return torch.linalg.svdvals(matrix.float()).double().cpu().numpy()
     return torch.linalg.svdvals(_as_tensor(matrix)).numpy()
 
 
@@ -42,31 +44,48 @@ def effective_rank(delta, energy: float = 0.9) -> int:
     return int(np.searchsorted(np.cumsum(s2) / total, energy - 1e-12) + 1)
 
 
+def left_singular_vectors(matrix, *, side: str = "left", device=None) -> torch.Tensor:
+    """The singular vectors of a pre-trained matrix that :func:`intruder_dimensions` compares against — worth
+    computing once per base matrix (:func:`base_spectra`) rather than once per fine-tune."""
+    w = _as_tensor(matrix, device)
+    return torch.linalg.svd(w.T if side == "right" else w, full_matrices=False)[0]
+
+
+def base_spectra(base: Mapping[str, torch.Tensor], *, device=None) -> dict[str, torch.Tensor]:
+    """:func:`left_singular_vectors` of every matrix of ``base`` (pass to :func:`update_report` as ``base_svd``)."""
+    return {name: left_singular_vectors(w, device=device) for name, w in base.items()}
+
+
 def intruder_dimensions(pretrained, finetuned, *, top_k: int = 10, threshold: float = 0.5,
-                        side: str = "left") -> int:
+                        side: str = "left", pretrained_u: torch.Tensor | None = None, device=None) -> int:
     """Intruder dimensions of a fine-tuned matrix (Shuttleworth et al. 2024).
 
     Among the ``top_k`` singular vectors of ``finetuned`` (by singular value), count those whose largest absolute
     cosine similarity to every singular vector of ``pretrained`` is below ``threshold``: directions the
     fine-tune introduced that the pre-trained matrix has no counterpart for. ``side`` picks the left
-    (output-space, the paper's choice) or right singular vectors.
+    (output-space, the paper's choice) or right singular vectors. ``pretrained_u``: the pre-trained matrix's
+    singular vectors if already computed (:func:`base_spectra`). ``device``: None computes in float64 on the CPU
+    (the book's default); a device (a GPU, for matrices thousands wide) computes there in float32.
     """
     if side not in ("left", "right"):
         raise ValueError(f"side must be 'left' or 'right', got {side!r}")
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
-    w0, w1 = _as_tensor(pretrained), _as_tensor(finetuned)
+    w0, w1 = _as_tensor(pretrained, device), _as_tensor(finetuned, device)
     if w0.shape != w1.shape:
         raise ValueError(f"shapes differ: {tuple(w0.shape)} vs {tuple(w1.shape)}")
     if side == "right":
-        w0, w1 = w0.T, w1.T
-    u0 = torch.linalg.svd(w0, full_matrices=False)[0]
+        w1 = w1.T
+    u0 = pretrained_u.to(w1) if pretrained_u is not None else left_singular_vectors(w0, side=side, device=device)
     u1 = torch.linalg.svd(w1, full_matrices=False)[0][:, :top_k]
     best = (u1.T @ u0).abs().max(dim=1).values
     return int((best < threshold).sum())
 
 
-def _as_tensor(x) -> torch.Tensor:
+def _as_tensor(x, device=None) -> torch.Tensor:
+    """float64 on the CPU (default), or float32 on ``device``."""
+    if device is not None:
+        return torch.as_tensor(x if isinstance(x, torch.Tensor) else np.asarray(x)).detach().to(device, torch.float32)
     if isinstance(x, torch.Tensor):
         return x.detach().to(torch.float64).cpu()
     return torch.as_tensor(np.asarray(x), dtype=torch.float64)
@@ -91,11 +110,14 @@ def adapted_weights(model, targets: Sequence[str] = LLAMA_LINEAR_LAYERS) -> dict
 
 
 def update_report(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Tensor], *, energy: float = 0.9,
-                  top_k: int = 10, threshold: float = 0.5):
+                  top_k: int = 10, threshold: float = 0.5, base_svd: Mapping[str, torch.Tensor] | None = None,
+                  device=None):
     """Per matrix: effective rank of the update ``tuned - base``, its norm relative to the base, intruders.
 
     Returns a ``pandas.DataFrame`` with ``matrix``, ``effective_rank``, ``relative_update`` and
-    ``intruders`` (see :func:`effective_rank`, :func:`intruder_dimensions`).
+    ``intruders`` (see :func:`effective_rank`, :func:`intruder_dimensions`). ``base_svd``: the base matrices'
+    singular vectors (:func:`base_spectra`), computed once for every report against the same base. ``device``:
+    where the decompositions run (None: float64 on the CPU; a GPU: float32 there, for matrices thousands wide).
     """
     import pandas as pd
 
@@ -105,7 +127,10 @@ def update_report(base: Mapping[str, torch.Tensor], tuned: Mapping[str, torch.Te
     rows = []
     for name in sorted(base):
         delta = tuned[name] - base[name]
-        rows.append({"matrix": name, "effective_rank": effective_rank(delta, energy),
+        rank = effective_rank(delta, energy) if device is None else effective_rank(_as_tensor(delta, device), energy)
+        rows.append({"matrix": name, "effective_rank": rank,
                      "relative_update": float(delta.norm() / base[name].norm()),
-                     "intruders": intruder_dimensions(base[name], tuned[name], top_k=top_k, threshold=threshold)})
+                     "intruders": intruder_dimensions(base[name], tuned[name], top_k=top_k, threshold=threshold,
+                                                      pretrained_u=None if base_svd is None else base_svd[name],
+                                                      device=device)})
     return pd.DataFrame(rows)

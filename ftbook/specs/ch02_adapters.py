@@ -110,7 +110,18 @@ SPEC = ChapterSpec(
                     sentiment_train=3668, sentiment_test=408, sentiment_steps=1000, sentiment_seq_len=128,
                     sentiment_lrs=dict(full=2e-5, lora=4e-4, bitfit=1e-3, head=1e-3),
                     hard_task_lrs=dict(full=2e-5, bitfit=1e-3, lora=4e-4, head=1e-3)),
+        # the book's world at scale: an 8 x 512 base that read 256 people; the same tasks, 8x the data, longer runs
+        "scale": dict(model="zoo:scale-base", train_examples=1920, test_examples=1920, small_data=256,
+                      large_data=8192, hard_test_examples=2000, steps=200, batch_size=64, workers=1,
+                      method_lrs=dict(full=1e-4, head=1e-2, lora=2e-3, ia3=1e-2, prefix=1e-2, prompt=3e-2, ln=1e-2,
+                                      bitfit=1e-2, bottleneck=3e-3),
+                      hard_task_lrs=dict(full=3e-4, bitfit=1e-2, lora=3e-3, head=1e-2),
+                      lora_ranks=[1, 2, 4, 8, 16, 64], sentiment_train=2000, sentiment_test=1000,
+                      sentiment_steps=250, sentiment_batch_size=32),
     },
+    # BitFit's data axis and LoRA's rank need runs long enough to learn the rules; MiniLM's margin over a probe needs
+    # more than 48 steps: all scale, no hub model
+    judged_at_scale=("bitfit-competitive-small-data", "bitfit-gap-grows", "rank-helps", "minilm-beat-head"),
     validators={"task": _check_task, "hard_task_lrs": learning_rates(("full", "bitfit", "lora", "head")),
                 "sentiment_lrs": learning_rates(("full", "lora", "bitfit", "head")), "hard_task": _check_task,
                 "hard_seq_len": at_least(4),

@@ -38,6 +38,7 @@ SPEC = ChapterSpec(
         task_entities=20,             # people the downstream task asks about
         tapt_steps=100,               # task-adaptive pre-training steps
         finetune_steps=40, finetune_lr=1e-3,  # light: a heavy fine-tune memorises its facts and extracts less
+        finetune_batch_size=16, qa_seq_len=32,  # its rows per step and tokens per question row
         eval_blocks=128,              # validation blocks per domain (128 x 64 = 8k tokens)
         workers=2,                    # arms trained side by side in this many single-thread processes
     ),
@@ -45,13 +46,22 @@ SPEC = ChapterSpec(
         "smoke": dict(pretrain_steps=8, warmup_steps=4, cpt_steps=6, rewarm_steps=2, domain_docs=400, batch_size=4,
                       workers=1,
                       general_docs=1500, tapt_steps=4, finetune_steps=4, eval_blocks=8, vocab_size=384,
-                      task_entities=8),
+                      task_entities=8,
+                      # sizes the scale and gpu profiles change, kept small for their code paths at smoke sizes
+                      n_layer=2, d_model=128, seq_len=64, finetune_batch_size=16),
         "gpu": dict(model="hf:EleutherAI/pythia-160m", general_docs=200_000,
                     general_corpus="hf:Salesforce/wikitext@wikitext-103-raw-v1",
                     seq_len=256, batch_size=32, lr=1e-4, min_lr=1e-5, cpt_steps=2000, rewarm_steps=100,
                     n_entities=400, domain_docs=200_000, task_entities=200, tapt_steps=500,
                     finetune_steps=300, finetune_lr=2e-5, eval_blocks=256, workers=1),
+        # a 6 x 384 base pre-trained here on A; B's world 4x larger, so the downstream task has hundreds of questions
+        "scale": dict(n_layer=6, d_model=384, vocab_size=4096, seq_len=128, batch_size=64, pretrain_steps=600,
+                      warmup_steps=300, lr=2e-3, min_lr=2e-4, cpt_steps=400, rewarm_steps=40, n_entities=96,
+                      domain_docs=40_000, task_entities=80, tapt_steps=200, finetune_steps=60, finetune_lr=3e-4,
+                      finetune_batch_size=32, eval_blocks=128, workers=1),
     },
+    # DAPT's and TAPT's gains need a downstream task with hundreds of questions and a base that stores B's facts
+    judged_at_scale=("dapt-helps", "tapt-adds"),
     validators={"replay_fractions": grid(0.0, 1.0, "replay fractions", min_items=1, strictly_above_low=True),
                 "model": _check_model_spec,
                 "replay_fraction": check_open_unit, "general_corpus": _check_general_corpus,
@@ -62,6 +72,7 @@ SPEC = ChapterSpec(
                 "tapt_steps": at_least(1),
                 "finetune_steps": at_least(1),
                 "domain_docs": at_least(100), "general_docs": at_least(100),
-                "eval_blocks": at_least(1), "workers": at_least(1)},
+                "eval_blocks": at_least(1), "workers": at_least(1), "finetune_batch_size": at_least(1),
+                "qa_seq_len": at_least(8)},
     rules=(not_above("rewarm_steps", "cpt_steps"), not_above("task_entities", "n_entities")),
 )

@@ -50,12 +50,20 @@ SPEC = ChapterSpec(
     diffs={
         "smoke": dict(seq_len=40, train_examples=64, eval_examples=16, val_examples=16, steps=4, multitask_steps=4,
                       soup_lrs=[1e-3, 3e-3], soup_orders=1, alphas=[0.0, 0.5, 1.0], scalings=[0.5, 1.0],
-                      ties_scalings=[1.0], negation_scalings=[1.0], drop_rates=[0.0, 0.9], stat_examples=4, workers=1),
+                      ties_scalings=[1.0], negation_scalings=[1.0], drop_rates=[0.0, 0.9], stat_examples=4, workers=1,
+                      batch_size=16),  # the cpu value: kept for the scale and gpu code paths at smoke sizes
         "gpu": dict(model="hf:EleutherAI/pythia-160m", other_init="hf:EleutherAI/pythia-160m-seed1",
                     train_examples=4000, eval_examples=500, val_examples=300, seq_len=48, batch_size=32,
                     steps=300, lr=1e-5, multitask_lr=3e-5, soup_lrs=[1e-5, 2e-5, 5e-5], soup_orders=2,
                     multitask_steps=600, stat_examples=256, lora_rank=16, lora_lr=2e-4, workers=1),
+        # an 8 x 512 base (38x the cpu one): task vectors of a bigger model, more data, longer fine-tunes
+        "scale": dict(model="zoo:scale-base", train_examples=4000, eval_examples=500, val_examples=300,
+                      batch_size=32, steps=200, lr=1e-4, wise_lr=3e-4, soup_lrs=[1e-4, 3e-4, 1e-3], multitask_steps=400,
+                      stat_examples=256, lora_rank=16, lora_lr=1e-3, workers=1),
     },
+    # negation and DARE need task vectors closer to orthogonal and a model that tolerates dropping; Fisher weights
+    # need fine-tunes that touch weights selectively: what a bigger model gives (see the chapter)
+    judged_at_scale=("negation-forgets", "negation-controls", "dare-beats-ta", "fisher-vs-average"),
     validators={"model": pretrained_model, "other_init": _check_other_init,
                 # 'facts' is required: the WiSE-FT and soup experiments use it
                 "tasks": names_from(TASKS, "task", min_items=2, required=("facts",)),

@@ -42,7 +42,9 @@ SPEC = ChapterSpec(
         lima_clean_pairs=160,          # the small, clean, diverse set
         lima_large_pairs=1600,         # the large narrow / noisy sets
         lima_noise=0.5,                # fraction of wrong (but well-formed) responses in the noisy set
-        chat_pairs=60,                 # real question/answer pairs (chatterbot) mixed into every tuning run
+        chat_pairs=60,                 # real question/answer pairs (chatterbot; gpu: the hub set) mixed into every run
+        grad_accum=1,                  # micro-batches per step (a small GPU: more of them, the same update)
+        gradient_checkpointing=False,  # recompute activations in the backward pass (a small GPU: less memory)
         workers=2,                     # processes: the arms are independent and run side by side
     ),
     diffs={
@@ -50,12 +52,15 @@ SPEC = ChapterSpec(
                       family_counts=[1, 2], chat_pairs=8, batch_size=8, family_orders=1, workers=1),
         "gpu": dict(model="hf:Qwen/Qwen2.5-0.5B", instructions="hf:databricks/databricks-dolly-15k",
                     steps=1000, lr=2e-5, batch_size=32, seq_len=512, train_pairs=10_000, eval_per_family=200,
-                    lima_clean_pairs=1000, lima_large_pairs=10_000, chat_pairs=0, workers=1),
+                    lima_clean_pairs=1000, lima_large_pairs=10_000, chat_pairs=500, workers=1),
+        # the scale zoo base; the gpu-only claims still need a real pre-trained model (see the chapter)
+        "scale": dict(model="zoo:scale-base", train_pairs=2000, steps=300, lr=5e-4, batch_size=32,
+                      eval_per_family=100, lima_clean_pairs=400, lima_large_pairs=4000, workers=1),
     },
     choices={"response_style": ("answer", "sentence")},
     validators={"model": pretrained_model, "instructions": _check_instructions,
                 "held_out_families": _check_families, "family_counts": grid(1, len(FAMILIES), "family counts"),
                 "lima_noise": check_open_unit, "train_pairs": at_least(8), "eval_per_family": at_least(1),
                 "lima_clean_pairs": at_least(2), "lima_large_pairs": at_least(2), "chat_pairs": at_least(0),
-                "family_orders": _check_family_orders, "workers": at_least(1)},
+                "family_orders": _check_family_orders, "workers": at_least(1), "grad_accum": at_least(1)},
 )

@@ -11,6 +11,12 @@ def _check_target(value: str) -> None:
                          f"query/response columns, got {value!r}")
 
 
+def _check_world_model(value: str) -> None:
+    if not value.startswith("zoo:"):
+        raise ValueError(f"must be a zoo model ('zoo:base', 'zoo:scale-base'): experiments 2-4 ask about the world "
+                         f"it read, got {value!r}")
+
+
 def _check_energy(value: float) -> None:
     if not 0 < value <= 1:
         raise ValueError(f"must lie in (0, 1], got {value}")
@@ -34,7 +40,14 @@ SPEC = ChapterSpec(
         snapshot_every=10,            # full fine-tuning: target loss and weights kept every N steps
         energy=0.9,                   # effective rank: singular values holding this share of ||dW||^2
         intruder_top_k=10, intruder_threshold=0.5,  # Shuttleworth et al.: top-k singular vectors, cosine < threshold
+        grad_accum=1,                 # experiment 1: micro-batches per step (a small GPU: more, the same update)
+        gradient_checkpointing=False,  # experiment 1: recompute activations in the backward pass (less memory)
+        # (2)-(4) need a world whose every fact is known: a zoo model, with sizes of their own (at gpu, experiment 1
+        # runs on a hub model with hub-sized batches; these stay on the book's model and its sizes)
+        world_model="zoo:base",       # the zoo model of experiments 2-4
+        world_seq_len=32, world_batch_size=16,  # their tokens per row and rows per step
         # (2) implicit inference and (3) revival (the synthetic world's facts)
+        forget_steps=100,             # steps of the refusal fine-tune
         forget_lr=1e-4,               # teaching the base to abstain on questions about some people
         revival_steps=40, revival_every=4, revival_lr=1e-4,
         revival_level=0.8,            # "restored" = held-out accuracy back to this share of the base's
@@ -46,14 +59,29 @@ SPEC = ChapterSpec(
     diffs={
         "smoke": dict(seq_len=64, target_examples=64, eval_examples=16, source_blocks=4, steps=4, full_lrs=[1e-3],
                       lora_lrs=[1e-3], lora_ranks=[2], snapshot_every=2, revival_steps=4, revival_every=2,
-                      train_facts=8, facts_steps=4, fit_every=2),
+                      train_facts=8, facts_steps=4, fit_every=2, world_seq_len=64, forget_steps=4,
+                      batch_size=16, world_batch_size=16),  # cpu values: kept for the other code paths at smoke
         "gpu": dict(model="hf:Qwen/Qwen2.5-0.5B", target="hf:meta-math/MetaMathQA", target_examples=20_000,
                     eval_examples=500, source_blocks=256, seq_len=512, batch_size=32, steps=1000,
                     full_lrs=[1e-5, 2e-5, 5e-5], lora_lrs=[1e-4, 2e-4, 5e-4], lora_ranks=[16, 64, 256],
-                    snapshot_every=500),  # few snapshots: each holds every projection matrix of the model
+                    snapshot_every=500,   # few snapshots: each holds every projection matrix of the model
+                    # experiments 2-4 on the scale zoo base (the world's facts need a book model), at its own sizes
+                    world_model="zoo:scale-base", world_seq_len=32, world_batch_size=32, forget_steps=300,
+                    forget_lr=3e-5, revival_steps=80, revival_lr=3e-5, train_facts=96, facts_steps=200,
+                    facts_lr=1e-4),
+        "scale": dict(model="zoo:scale-base", world_model="zoo:scale-base", target_examples=4000, eval_examples=256,
+                      source_blocks=128, batch_size=32, steps=300, full_lrs=[3e-5, 1e-4, 3e-4],
+                      lora_lrs=[1e-4, 3e-4, 1e-3], lora_ranks=[4, 16], snapshot_every=25, world_batch_size=32,
+                      forget_steps=300, forget_lr=3e-5, revival_steps=80, revival_lr=3e-5, train_facts=96,
+                      facts_steps=200, facts_lr=1e-4),
     },
+    # 10x the rank needs matrices wider than 128; Gekhman et al.'s fitting gap needs a model whose known facts
+    # take learning to surface and a larger fact set
+    judged_at_scale=("full-update-10x-rank", "unknown-fit-slowly"),
     choices={},
-    validators={"model": pretrained_model, "target": _check_target,
+    validators={"model": pretrained_model, "target": _check_target, "world_model": _check_world_model,
+                "world_seq_len": at_least(16), "world_batch_size": at_least(1), "forget_steps": at_least(1),
+                "grad_accum": at_least(1),
                 "full_lrs": positive_items("learning rates"), "lora_lrs": positive_items("learning rates"),
                 "lora_ranks": positive_items("ranks"), "unknown_shares": grid(0.0, 1.0, "shares"),
                 "energy": _check_energy, "intruder_threshold": check_open_unit, "revival_level": check_open_unit,

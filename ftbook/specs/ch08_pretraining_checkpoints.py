@@ -18,9 +18,9 @@ def _check_tasks(value: list) -> None:
 
 
 def _check_model(value: str) -> None:
-    if value != "zoo:base" and not value.startswith("hf:") and not value.startswith("path:"):
-        raise ValueError(f"must be 'zoo:base' (chapter 1's checkpoints) or a hub model with step revisions "
-                         f"'hf:EleutherAI/pythia-160m', got {value!r}")
+    if not value.startswith(("zoo:", "hf:", "path:")):
+        raise ValueError(f"must be a zoo model ('zoo:base': chapter 1's checkpoints) or a hub model with step "
+                         f"revisions 'hf:EleutherAI/pythia-160m', got {value!r}")
 
 
 def _check_revisions(value: list) -> None:
@@ -56,13 +56,15 @@ SPEC = ChapterSpec(
         scaling_width=64, scaling_layers=2,
         scaling_docs=12000,           # documents generated per pre-training corpus
         scaling_lr=3e-3,
+        scaling_finetune_lr=3e-3,     # their fine-tunes' learning rate (models trained from scratch here, not Pythia)
     ),
     diffs={
         "smoke": dict(tasks=["first", "count"], train_examples=48, test_examples=8, finetune_steps=4, probe_facts=16,
                       few_shot_examples=8, few_shot_draws=1, few_shot_steps=2, workers=1,
                       review_train=16, review_test=16, review_steps=2,
                       scaling_snapshots=[2, 4, 8], scaling_tasks=["max"], scaling_width=32, scaling_layers=1,
-                      scaling_docs=300, scaling_runs=True),
+                      scaling_docs=300, scaling_runs=True,
+                      finetune_batch=16, review_seq_len=64),  # cpu values: kept for the other code paths at smoke
         "gpu": dict(model="hf:EleutherAI/pythia-160m",
                     revisions=["step1000", "step3000", "step13000", "step33000", "step73000", "step143000"],
                     train_examples=2048, test_examples=256, finetune_steps=200, finetune_lr=2e-5, finetune_batch=32,
@@ -70,8 +72,17 @@ SPEC = ChapterSpec(
                     review_train=2000, review_test=500, review_steps=200, review_seq_len=128,
                     scaling_snapshots=[100, 200, 400, 800, 1600, 3200],
                     scaling_width=256, scaling_layers=4, scaling_docs=200000, scaling_lr=1e-3,
-                    scaling_runs=True),
+                    scaling_finetune_lr=1e-3, scaling_runs=True),
+        # the scale zoo base's checkpoints (step-125 ... final), and scaling runs large enough to learn the tasks
+        "scale": dict(model="zoo:scale-base", test_examples=256, finetune_steps=100, finetune_lr=3e-4,
+                      finetune_batch=32, probe_facts=256, few_shot_examples=32, few_shot_steps=60, workers=1,
+                      review_train=1000, review_test=500, review_steps=100,
+                      scaling_runs=True, scaling_snapshots=[100, 200, 400, 800, 1600], scaling_width=256,
+                      scaling_layers=4, scaling_docs=50_000, scaling_lr=1e-3, scaling_finetune_lr=1e-3),
     },
+    # probe and log-law need fine-tuned scores that are not at their ceiling from the first checkpoint, and the
+    # misaligned contrast needs runs that learn the tasks: what the scale base and scaling runs give
+    judged_at_scale=("probe-peaks-early", "log-law-aligned", "misaligned-breaks-law"),
     validators={"tasks": _check_tasks, "scaling_tasks": _check_tasks, "model": _check_model,
                 "revisions": _check_revisions, "scaling_snapshots": grid(1, 10 ** 9, "step counts", min_items=3),
                 "train_examples": at_least(8), "test_examples": at_least(4), "finetune_steps": at_least(1),

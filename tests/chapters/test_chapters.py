@@ -30,6 +30,43 @@ def test_chapter_runs_end_to_end_at_smoke(chapter):
     assert result.path.exists() and not _errors(result.path)
 
 
+# The other profiles' code paths at smoke sizes: the gpu profile's hub models and datasets as tiny local stand-ins
+# (ftbook.standins; no test machine reaches the hub), and the scale profile's zoo models shrunk to smoke size.
+OTHER_PATHS = {"gpu": {"code_path": "gpu", "stand_ins": True}, "scale": {"code_path": "scale"}}
+
+
+@pytest.fixture(scope="session")
+def other_path_runs():
+    """Every chapter on the gpu and scale code paths at smoke sizes, JOBS kernels at a time (cached)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = {}
+    with ThreadPoolExecutor(max_workers=JOBS) as pool:
+        futures = {(ch, path): pool.submit(run.execute, ch, profile="smoke", seed=0, parameters=params)
+                   for path, params in OTHER_PATHS.items() for ch in CHAPTERS}
+        for key, future in futures.items():
+            try:
+                out[key] = future.result()
+            except Exception as exc:  # noqa: BLE001 - reported by the chapter's own test
+                out[key] = exc
+    return out
+
+
+@pytest.mark.parametrize("path", list(OTHER_PATHS))
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_chapter_runs_on_the_other_profiles_code_paths_at_smoke_sizes(chapter, path, other_path_runs):
+    result = other_path_runs[chapter, path]
+    if isinstance(result, Exception):
+        pytest.fail(str(result))
+    assert not _errors(result.path)
+    text = result.path.read_text()
+    if path == "gpu":
+        assert "STAND-INS for hub models and data" in text and "stand-in: not judged" in text
+    recs = [r for r in records.load_records() if r["chapter"] == chapter and r["profile"] == "smoke"
+            and r["parameters"].get("code_path") == path]
+    assert recs and all(c["holds"] is None for c in recs[-1]["claims"])   # nothing judged at smoke sizes
+
+
 def test_instruction_tuning_runs_on_a_hub_style_local_model(tmp_path):
     """Chapter 5's `gpu` path, offline: a `path:` model whose tokenizer has a chat_template and none of the book's
     chat tokens, as a hub model has, at smoke. The template is the tokenizer's own; the knowledge experiments,

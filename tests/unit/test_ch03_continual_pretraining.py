@@ -170,3 +170,21 @@ def test_chapter_3_profiles():
     assert cpu.model == "tiny:llama" and gpu.model.startswith("hf:EleutherAI/pythia")
     assert smoke.cpt_steps < cpu.cpt_steps and cpu.rewarm_steps <= cpu.cpt_steps
     assert cpu.task_entities <= cpu.n_entities
+
+
+def test_the_downstream_fine_tune_trains_where_the_chapter_trains(tiny, monkeypatch):
+    """At gpu the DAPT/TAPT fine-tunes took the CPU (finetune's default), hours on Colab: the chapter's device,
+    precision and batch knobs now reach them."""
+    from ftbook import finetune as FT
+
+    world, tok, model, _ = tiny
+    seen = {}
+
+    def record(model, rows, **kwargs):
+        seen.update(kwargs)
+        return model
+
+    monkeypatch.setattr(FT, "finetune", record)
+    CP.finetune_and_score(model, tok, CP.knowledge_task(world, 4, seed=0), steps=2, lr=1e-3, batch_size=8,
+                          seq_len=24, seed=0, device="cuda", precision="bf16")
+    assert (seen["device"], seen["precision"], seen["batch_size"]) == ("cuda", "bf16", 8)

@@ -207,3 +207,15 @@ def test_lora_finetune_returns_a_full_state_dict_with_a_low_rank_delta(tokenizer
     assert delta.abs().sum() > 0 and torch.linalg.matrix_rank(delta) <= 2
     embed = next(k for k in folded if "embed_tokens" in k)
     assert torch.equal(folded[embed], theta_0[embed])  # LoRA leaves the embeddings alone
+
+
+def test_the_base_and_its_snapshot_sit_on_the_chapters_device(tmp_home):
+    """θ₀ = snapshot(base) must live where the fine-tunes live (the GPU at gpu): load_base moves the base there."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # the smoke zoo model trains first: one thread is fastest for it
+    try:
+        model, _, world = L.load_base("zoo:tiny", 0, profile="smoke", device="meta")
+    finally:
+        torch.set_num_threads(threads)
+    assert {p.device.type for p in model.parameters()} == {"meta"} and len(world.entities) == 64
+    assert {t.device.type for t in M.snapshot(model).values()} == {"meta"}

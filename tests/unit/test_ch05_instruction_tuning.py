@@ -330,3 +330,17 @@ def test_a_single_number_is_not_a_list_answer():
     """A held-out list family must be answered with a list: a tuned family's single digit does not pass for one."""
     assert I.parse_response(f"3 {D.END}", "sort", "answer").follows_format is False
     assert I.parse_response(f"1 3 4 {D.END}", "sort", "answer").follows_format is True
+
+
+def test_the_hub_chat_set_is_sized_by_chat_pairs_and_fits_the_rows(tmp_home, monkeypatch):
+    """At gpu the whole Dolly read (train_pairs = 10 k) was appended to every arm, chat_pairs ignored: the LIMA arms'
+    'small clean' set was 1 k pairs under 10 k of Dolly. Now exactly chat_pairs pairs, each fitting a row."""
+    from ftbook import models, standins
+
+    monkeypatch.setenv(standins.ENV, "1")
+    _, tokenizer = models.load("hf:Qwen/Qwen2.5-0.5B")
+    template = I.ChatTemplate(tokenizer)
+    pairs = I.hub_chat_pairs("hf:databricks/databricks-dolly-15k", 70, tokenizer, 48, template=template)
+    assert len(pairs) == 70 and I.fitting(pairs, tokenizer, 48, template) == pairs
+    assert len(I.encode_chat(pairs, tokenizer, 48, template=template)) == 70
+    assert len(I.hub_chat_pairs("hf:databricks/databricks-dolly-15k", 5000, tokenizer, 48, template=template)) < 1500

@@ -102,3 +102,24 @@ def test_forgetting_at_matched_learning_interpolates_the_reference_curve():
     assert list(out.lr) == [1e-3, 3e-3]
     assert out["full at the same target loss"].tolist() == pytest.approx([0.2, 0.45])
     assert out["forgets less by"].tolist() == pytest.approx([0.1, -0.05])
+
+
+def test_hub_target_pairs_skip_rows_longer_than_a_row_and_hold_out_the_next(tmp_home, monkeypatch):
+    """MetaMathQA has worked answers longer than 512 tokens; encoding them raised. The pairs that fit are taken in
+    order, the held-out ones after the training ones."""
+    from ftbook import finetune as FT
+    from ftbook import hub, models, standins
+
+    monkeypatch.setenv(standins.ENV, "1")
+    _, tokenizer = models.load("hf:Qwen/Qwen2.5-0.5B")
+    train_p, train_a, eval_p, eval_a = F.hub_target_pairs("hf:meta-math/MetaMathQA", 300, 40, tokenizer, 64)
+    assert (len(train_p), len(train_a), len(eval_p), len(eval_a)) == (300, 300, 40, 40)
+    rows = FT.fitting_pairs(*hub.query_response_pairs("hf:meta-math/MetaMathQA", 400), tokenizer, 64)
+    assert (train_p + eval_p, train_a + eval_a) == (rows[0][:340], rows[1][:340])   # in order: held out after
+    assert len(FT.encode_pairs(train_p, train_a, tokenizer, 64)) == 300   # nothing to cut
+    with pytest.raises(ValueError, match="does not fit seq_len=64"):
+        long = [i for i, a in enumerate(standins._metamath("train", 40)) if len(a["response"]) > 1500][0]
+        row = standins._metamath("train", 40)[long]
+        FT.encode_pairs([f"Question: {row['query']}\nAnswer:"], [row["response"]], tokenizer, 64)
+    with pytest.raises(ValueError, match="only .* pairs that fit"):
+        F.hub_target_pairs("hf:meta-math/MetaMathQA", 5000, 10, tokenizer, 64)

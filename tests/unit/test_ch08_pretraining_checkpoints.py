@@ -251,3 +251,23 @@ def test_headroom_gain_test_sees_a_real_relation_and_not_the_ceilings_arithmetic
     assert found["rho"] < -0.5 and found["p_value"] <= 0.01
     # cells with no headroom are left out; too few cells give NaN, not a verdict
     assert K.headroom_gain_test(closes_more.assign(zero_shot=0.99), seed=0)["cells"] == 0
+
+
+def test_every_fine_tune_of_the_grid_takes_the_chapters_device_and_precision(tiny, tokenizer, monkeypatch):
+    """ch 8 at gpu fine-tuned Pythia's checkpoints in fp32: the precision now reaches every fine-tune, and the
+    checkpoint is moved to the device it is scored and fine-tuned on."""
+    from ftbook import finetune as FT
+
+    model = tiny
+    seen = []
+    original = FT.finetune
+
+    def record(*args, **kwargs):
+        seen.append((kwargs["device"], kwargs["precision"]))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(K, "finetune_copy", record)
+    K.grid_cell(lambda: (model, tokenizer), "first", train_examples=8, test_examples=4, few_shot_examples=4,
+                few_shot_draws=1, seed=0, finetune_steps=1, finetune_lr=1e-3, finetune_batch=4, seq_len=32,
+                few_shot_steps=1, device="cpu", precision="bf16")
+    assert seen == [("cpu", "bf16"), ("cpu", "bf16")]

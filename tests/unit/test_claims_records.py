@@ -186,3 +186,38 @@ def test_report_lists_every_claim_of_every_run(tmp_home):
     assert "holds" in md and "does NOT hold" in md
     assert "bigger is better" in report.text()
     assert "| None |" not in md and "| nan |" not in md    # a run without workers shows "—"
+
+
+def test_stand_in_runs_judge_nothing_and_say_why(tmp_home):
+    cfg = specs.make("04", profile="smoke", code_path="gpu", stand_ins=True)
+    book = claims.ClaimBook(cfg)
+    assert book.check("dare-beats-ta", paper="P", claim="c", measured=1, op=">", threshold=0).holds is None
+    assert book.check("a", paper="P", claim="c", measured=1, op=">", threshold=0, scale="gpu").holds is None
+    assert set(book.table().verdict) == {"stand-in: not judged"} and book.reference == {}
+    full_size = claims.ClaimBook(specs.make("04", profile="gpu", stand_ins=True))
+    assert full_size.check("a", paper="P", claim="c", measured=1, op=">", threshold=0).holds is None
+
+
+def test_the_scale_profile_judges_cpu_and_scale_claims_and_the_specs_moved_gpu_claims(tmp_home):
+    def holds(profile, claim_id, scale):
+        book = claims.ClaimBook(specs.make("04", profile=profile))
+        return book.check(claim_id, paper="P", claim="c", measured=1, op=">", threshold=0, scale=scale)
+
+    assert holds("scale", "a", "cpu").holds is True
+    assert holds("scale", "b", "scale").holds is True and holds("cpu", "b", "scale").holds is None
+    assert holds("scale", "dare-beats-ta", "gpu").holds is True      # listed in judged_at_scale
+    moved = holds("cpu", "dare-beats-ta", "gpu")
+    assert moved.holds is None and moved.scale == "scale"
+    assert holds("scale", "c", "gpu").holds is None and holds("gpu", "c", "gpu").holds is True
+    book = claims.ClaimBook(specs.make("04", profile="cpu"))
+    book.check("dare-beats-ta", paper="P", claim="c", measured=1, op=">", threshold=0, scale="gpu")
+    book.check("c", paper="P", claim="c", measured=1, op=">", threshold=0, scale="gpu")
+    assert list(book.table().verdict) == ["checked at scale (and gpu) only", "checked at gpu scale only"]
+    with pytest.raises(ValueError, match="scale must be one of"):
+        book.check("d", paper="P", claim="c", measured=1, op=">", threshold=0, scale="big")
+
+
+def test_records_say_how_much_gpu_memory_a_run_took(tmp_home):
+    path = claims.ClaimBook(_cfg("smoke")).finish()
+    rec = json.loads(open(path).read())
+    assert "gpu_peak_mib" in rec and rec["gpu_peak_mib"] is None   # no GPU in use here

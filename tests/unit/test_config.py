@@ -121,3 +121,82 @@ def test_rules_between_knobs_live_in_the_spec_and_name_the_knob_at_fault():
 def test_notebook_parameters_take_lists_and_dicts_from_papermill():
     namespace = {"profile": "smoke", "alphas": [0, 0.5, 1], "method_lrs": {"full": 1e-3}, "Out": {}}
     assert notebook_parameters(namespace) == {"profile": "smoke", "alphas": [0, 0.5, 1], "method_lrs": {"full": 1e-3}}
+
+
+# --- the scale profile and the code-path switch -----------------------------------------------------------------
+def test_every_chapter_has_a_scale_profile_on_the_books_own_models():
+    from ftbook.config import PROFILES
+
+    assert PROFILES == ("smoke", "cpu", "scale", "gpu")
+    for name, spec in specs.CHAPTERS.items():
+        cfg = specs.make(name, profile="scale")
+        assert cfg.device == "auto" and cfg.precision == "auto"
+        hub_ids = [k for k, v in cfg.items() if isinstance(v, str) and v.startswith("hf:")]
+        assert not hub_ids, f"{name} at scale downloads {hub_ids}"
+        if "model" in spec.defaults and str(spec.defaults["model"]).startswith("zoo:"):
+            assert cfg.model == "zoo:scale-base", name   # chapters take the model knob, not the literal "base"
+
+
+def test_a_code_path_takes_another_profiles_ids_at_this_profiles_sizes():
+    cfg = specs.make("04", profile="smoke", code_path="gpu", stand_ins=True)
+    gpu, smoke = specs.make("04", profile="gpu"), specs.make("04", profile="smoke")
+    assert (cfg.model, cfg.other_init) == (gpu.model, gpu.other_init)          # the gpu profile's hub models
+    assert (cfg.steps, cfg.train_examples) == (smoke.steps, smoke.train_examples)   # the smoke profile's sizes
+    assert (cfg.device, cfg.precision, cfg.threads) == ("auto", "auto", 1)
+    assert (cfg.profile, cfg.code_path, cfg.stand_ins) == ("smoke", "gpu", True)
+    assert specs.make("04", profile="cpu").stand_ins is False and specs.make("04").code_path == ""
+    with pytest.raises(ConfigError, match="did you mean 'gpu'"):
+        specs.make("04", profile="smoke", code_path="gpux")
+    with pytest.raises(ConfigError, match="'code_path'.*no code path"):
+        specs.make("04", profile="cpu", code_path="smoke")
+
+
+def test_claims_the_scale_profile_judges_are_gpu_claims_of_the_chapter():
+    """Each id in a spec's judged_at_scale is a claim its notebook declares with scale="gpu"."""
+    import json
+    import re
+
+    from ftbook import run
+
+    moved = 0
+    for name, spec in specs.CHAPTERS.items():
+        source = "".join("".join(c["source"]) for c in json.loads(run.notebook_path(name).read_text())["cells"])
+        gpu_claims = {m for m in re.findall(r'book\.check\("([^"]+)"(?:(?!book\.check).)*?scale="gpu"', source,
+                                            re.S)}
+        assert set(spec.judged_at_scale) <= gpu_claims, (name, set(spec.judged_at_scale) - gpu_claims)
+        moved += len(spec.judged_at_scale)
+    assert moved == 15
+
+
+def test_new_knobs_keep_the_cpu_values_and_split_where_the_gpu_needs_it():
+    """The knobs the gpu path needed equal, at cpu and smoke, the values the code used before (claims unchanged)."""
+    for profile in ("cpu", "smoke"):
+        ch6 = specs.make("06", profile=profile)
+        assert (ch6.world_model, ch6.world_seq_len, ch6.world_batch_size, ch6.forget_steps) == \
+            ("zoo:base", ch6.seq_len, ch6.batch_size, ch6.steps)
+        ch3 = specs.make("03", profile=profile)
+        assert (ch3.finetune_batch_size, ch3.qa_seq_len) == (16, 32)
+        ch8 = specs.make("08", profile=profile)
+        assert ch8.scaling_finetune_lr == ch8.finetune_lr
+        assert specs.make("05", profile=profile).grad_accum == 1
+    gpu6 = specs.make("06", profile="gpu")   # experiments 2-4 keep their own model and sizes (was: Qwen's 32 x 512)
+    assert gpu6.world_model == "zoo:scale-base" and gpu6.world_seq_len < gpu6.seq_len and gpu6.forget_steps < gpu6.steps
+    gpu8 = specs.make("08", profile="gpu")   # from-scratch scaling runs are not fine-tuned at Pythia's 2e-5
+    assert gpu8.scaling_finetune_lr > 10 * gpu8.finetune_lr
+    gpu5 = specs.make("05", profile="gpu")   # the hub set sized by chat_pairs, far below every arm's own pairs
+    assert 0 < gpu5.chat_pairs < gpu5.lima_clean_pairs
+
+
+def test_smoke_sizes_bound_every_code_path():
+    """The smoke profile names every size the scale and gpu diffs change (at the cpu value where smoke used it), so
+    their code paths at smoke sizes stay seconds: no batch, row length or model shape of the bigger profiles leaks."""
+    sizes = ("batch_size", "seq_len", "n_layer", "d_model", "n_head", "finetune_batch", "finetune_batch_size",
+             "review_seq_len", "world_batch_size", "steps", "train_examples")
+    for name in specs.CHAPTERS:
+        for path in ("scale", "gpu"):
+            cfg = specs.make(name, profile="smoke", code_path=path)
+            smoke = specs.make(name, profile="smoke")
+            leaked = {k: cfg[k] for k in sizes if k in cfg and cfg[k] != smoke[k]}
+            allowed = {"02_adapters": {"seq_len", "hard_seq_len"}, "05_instruction_tuning": {"seq_len"},
+                       "08_pretraining_checkpoints": {"seq_len"}}   # hub tokenizers need longer rows
+            assert set(leaked) <= allowed.get(name, set()), (name, path, leaked)

@@ -449,3 +449,26 @@ def test_a_greedy_soup_of_ingredients_that_do_not_average_keeps_one():
 
     assert M.greedy_soup(models[:2], score).ingredients == [0]   # averaging -1 and +1 lands between the basins
     assert len(M.greedy_soup(models[1:], score).ingredients) == 2  # two fine-tunes of one basin average well
+
+
+# --- state dicts on several devices ----------------------------------------------------------------------------
+def test_state_dicts_on_different_devices_fail_with_one_clear_error():
+    """Chapter 4 snapshotted θ₀ on the CPU while its fine-tunes lived on the GPU: torch.lerp failed deep inside
+    WiSE-FT. Every merge now checks devices first and names the tensor and both devices."""
+    here = {"w": torch.ones(3, 2), "b": torch.zeros(2)}
+    there = {k: v.to("meta") for k, v in here.items()}
+    for call in (lambda: M.interpolate(here, there, 0.5), lambda: M.average([here, there]),
+                 lambda: M.task_vector(there, here), lambda: M.task_arithmetic(here, [M.task_vector(there, there)]),
+                 lambda: M.ties_merging(here, [M.task_vector(there, there)])):
+        with pytest.raises(ValueError, match=r"\['w'\] is on meta.*on cpu.*one device"):
+            call()
+
+
+def test_snapshot_copies_to_one_device_and_keeps_tied_weights_tied():
+    model = torch.nn.Sequential(torch.nn.Embedding(5, 4), torch.nn.Linear(4, 5, bias=False))
+    model[1].weight = model[0].weight
+    state = M.snapshot(model, device="meta")
+    assert {t.device.type for t in state.values()} == {"meta"}
+    assert state["0.weight"] is state["1.weight"]
+    same = M.snapshot(model)
+    assert same["0.weight"].device.type == "cpu" and same["0.weight"] is not model[0].weight

@@ -149,3 +149,63 @@ def test_an_interrupted_pretraining_leaves_no_cache_entry(tmp_home, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         zoo.pretrain("tiny", 2, profile="smoke", progress=False)
     assert not zoo.is_cached("tiny", 2, "smoke")
+
+
+# --- the zoo on a GPU machine: device, precision, the scale recipes -------------------------------------------
+def test_fp32_keys_are_the_old_ones_and_other_precisions_another_entry():
+    """Existing caches stay valid (these keys are the ones zoo format 2 always gave), and a bf16 model trained on a
+    GPU is another entry: it never replaces the bit-reproducible fp32 one."""
+    keys = {(n, p): zoo.recipe(n, p).key() for n in ("tiny", "small", "base") for p in (None, "smoke")}
+    assert keys == {("tiny", None): "35366c6e22c9", ("tiny", "smoke"): "0be4e67ca467",
+                    ("small", None): "016e70bb0d21", ("small", "smoke"): "def2e3fc18ba",
+                    ("base", None): "b420cedc5610", ("base", "smoke"): "7d243baefa37"}
+    base = zoo.recipe("base")
+    assert base.key("fp32") == base.key() != base.key("bf16") != base.key("fp16")
+
+
+def test_the_zoo_trains_where_the_caller_trains(tmp_home, monkeypatch):
+    """A cpu chapter on a machine with a GPU pre-trains on the CPU in fp32 (it used to take the GPU: device="auto");
+    a scale or gpu chapter passes its device (ftbook.setup: zoo.use_device)."""
+    from ftbook import train as T
+
+    seen = []
+
+    def record(model, data, cfg, **kwargs):
+        seen.append((cfg.device, cfg.precision))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "train", record)
+    monkeypatch.delenv(zoo.DEVICE_ENV, raising=False)
+    monkeypatch.delenv(zoo.PRECISION_ENV, raising=False)
+    for kwargs in ({}, {"precision": "bf16"}):
+        with pytest.raises(KeyboardInterrupt):
+            zoo.pretrain("tiny", 3, profile="smoke", progress=False, **kwargs)
+    monkeypatch.setenv(zoo.DEVICE_ENV, "cpu")   # restored after the test
+    monkeypatch.setenv(zoo.PRECISION_ENV, "fp32")
+    zoo.use_device("cuda", "bf16")
+    with pytest.raises(KeyboardInterrupt):
+        zoo.pretrain("tiny", 3, profile="smoke", progress=False)
+    assert seen == [("cpu", "fp32"), ("cpu", "bf16"), ("cuda", "bf16")]
+    assert zoo.precision_class("cpu", "auto") == "fp32"
+    partial = sorted(p.name for p in (tmp_home / "zoo").glob("tiny-s3-*.partial"))
+    assert partial == sorted({f"tiny-s3-{zoo.recipe('tiny', 'smoke').key(p)}.partial" for p in ("fp32", "bf16")})
+
+
+def test_scale_recipes_form_a_ladder_and_shrink_to_smoke_size():
+    ladder = [zoo.recipe(n) for n in ("scale-small", "scale-base", "scale-large")]
+    assert [(r.n_layer, r.d_model) for r in ladder] == [(4, 256), (8, 512), (12, 768)]
+    assert {r.train_tokens for r in ladder} == {1500 * 64 * 256} and ladder[1].n_entities == 256
+    smoke = zoo.recipe("scale-base", "smoke")
+    assert (smoke.n_layer, smoke.d_model, smoke.n_entities, smoke.steps, smoke.seq_len) == (2, 128, 64, 30, 64)
+
+
+def test_a_hub_revision_without_safetensors_is_refused_naming_it(monkeypatch):
+    """Some Pythia step branches hold only pytorch_model.bin (EleutherAI/pythia#206): the error names the revision."""
+    from transformers import AutoModelForCausalLM
+
+    def no_safetensors(*args, **kwargs):
+        raise OSError("EleutherAI/pythia-160m does not appear to have a file named model.safetensors")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_safetensors)
+    with pytest.raises(modeling.ModelSpecError, match=r"hf:EleutherAI/pythia-160m@step3000 has no safetensors"):
+        modeling.load_pretrained("EleutherAI/pythia-160m", revision="step3000")

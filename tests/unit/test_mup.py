@@ -90,3 +90,14 @@ def test_forward_loss_and_logit_probe():
     assert out.logits.shape == (2, 8, 40)
     assert abs(out.loss.item() - math.log(40)) < 1.5
     assert model.max_attention_logit() > 0
+
+
+def test_the_attention_logit_probe_costs_no_sync_per_layer():
+    """max_logit was a float() per layer and forward pass: a GPU stop each. It is a tensor now, read once."""
+    model = mup.make_model(50, 32, "mup", seq_len=8, n_layer=3)
+    ids = torch.randint(0, 50, (2, 8))
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert all(isinstance(b.attn.max_logit, torch.Tensor) for b in model.blocks)
+    expected = max(float(b.attn.max_logit) for b in model.blocks)
+    assert model.max_attention_logit() == expected and isinstance(model.max_attention_logit(), float)

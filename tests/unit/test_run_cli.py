@@ -2,6 +2,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -174,3 +175,23 @@ def test_results_from_records_of_another_code_keep_that_codes_digest(tmp_home, t
     assert reference.load("01_pretraining")["seeds"] == [0, 1, 2]
     with pytest.raises(run.ConfigError, match="seeds \\[3\\]"):
         run.results_from_records("01", folder, seeds=[0, 3])
+
+
+def test_a_chapter_refuses_several_processes_before_any_work(tmp_home, monkeypatch):
+    """`accelerate launch -m ftbook.cli run ...` executed the whole notebook in every rank (chapter 1 deadlocked on
+    the zoo's lock): a chapter runs on one device; chapters run side by side with --jobs."""
+    from ftbook.config import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="'WORLD_SIZE'.*--jobs"):
+        run.execute("01", profile="smoke")
+    assert not (tmp_home / "executed").exists() and not (tmp_home / "records").exists()
+
+
+def test_the_stand_in_and_code_path_flags_reach_the_chapter(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(run, "execute", lambda chapter, **kw: seen.update(kw) or
+                        run.Execution(chapter, {"seed": 0}, Path("x.ipynb"), True, 0.0))
+    assert cli.main(["run", "04", "--profile", "smoke", "--code-path", "gpu", "--stand-ins"]) == 0
+    assert seen["parameters"] == {"stand_ins": True, "code_path": "gpu"} and seen["profile"] == "smoke"
+    assert cli.main(["run", "04", "--profile", "smoke", "--code-path", "gpux"]) == 2

@@ -396,3 +396,92 @@ def test_hand_fused_llama_of_the_model_level_benchmark_is_the_same_model():
     hf_qkv = torch.cat([getattr(hf.model.layers[1].self_attn, f"{n}_proj").weight.grad for n in "qkv"])
     assert torch.allclose(fused.layers[1].qkv.grad, hf_qkv, atol=1e-6)
     assert torch.allclose(fused.embed.grad, hf.model.embed_tokens.weight.grad, atol=1e-6)
+
+
+# --- the gpu path: devices and precisions, tested on the CPU with stand-ins ------------------------------------
+def test_one_process_builds_no_accelerator(monkeypatch):
+    """accelerate's state is a process singleton fixed by its first use (a CUDA run, then cpu=True: ValueError; a
+    CPU run, then CUDA: silently the CPU). One process trains on a plain device per call, never an Accelerator."""
+    import accelerate
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an Accelerator was built for one process")
+
+    monkeypatch.setattr(accelerate, "Accelerator", refuse)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for device in ("cpu", "auto", "cpu"):
+        history = train(W.make_model(), W.make_data(), quiet(steps=2, device=device))
+        assert np.isfinite(history["train_loss"]).all()
+
+
+def test_each_call_places_the_model_on_its_own_device(monkeypatch):
+    from ftbook import train as T
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert T._processes("cuda") == (torch.device("cuda", 0), 1, 0, None)
+    assert T._processes("cpu") == (torch.device("cpu"), 1, 0, None)   # after a CUDA call: the CPU, as asked
+    assert T._processes("meta")[0].type == "meta"
+
+
+@pytest.mark.parametrize("native_bf16, expected", [(False, "fp16"), (True, "bf16")])
+def test_auto_precision_takes_native_bf16_only(monkeypatch, native_bf16, expected):
+    """A T4 reports bf16 as supported by emulation (slow): auto must pick fp16 (with loss scaling) there."""
+    from ftbook.train import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation or native_bf16)
+    assert resolve_precision("auto", torch.device("cuda")) == expected
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cuda")) == "bf16"
+
+
+def test_fp16_trains_with_loss_scaling():
+    from ftbook import train as T
+
+    run = T._start(W.make_model(), W.make_data(), quiet(steps=2, precision="fp16"), None, None)
+    assert run.scaler is not None and run.autocast_dtype == torch.float16
+    history = train(W.make_model(), W.make_data(), quiet(steps=3, precision="fp16"))
+    assert history.attrs["precision"] == "fp16" and np.isfinite(history["train_loss"]).all()
+
+
+def test_chunked_loss_is_the_full_loss_with_its_gradient():
+    """Above CHUNKED_LOSS_ABOVE logits the loss is taken in checkpointed chunks (no float32 copy of every logit):
+    the same sum and the same gradient."""
+    from ftbook.train import chunked_loss_sum
+
+    torch.manual_seed(0)
+    logits = torch.randn(37, 50, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    targets[::5] = -100
+    full = torch.nn.functional.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+    (full_grad,) = torch.autograd.grad(full, logits)
+    chunked = chunked_loss_sum(logits, targets, chunk=200)     # 4 rows per chunk
+    (chunked_grad,) = torch.autograd.grad(chunked, logits)
+    assert chunked.item() == pytest.approx(full.item(), rel=1e-6)
+    assert torch.allclose(chunked_grad.float(), full_grad.float(), atol=1e-3)
+
+
+def test_big_vocabularies_take_the_chunked_loss_and_train_the_same(monkeypatch):
+    from ftbook import train as T
+
+    reference = train(W.make_model(), W.make_data(), quiet(steps=3))["train_loss"]
+    calls = []
+    original = T.chunked_loss_sum
+    monkeypatch.setattr(T, "CHUNKED_LOSS_ABOVE", 0)
+    monkeypatch.setattr(T, "chunked_loss_sum", lambda *a, **k: calls.append(1) or original(*a, chunk=1000))
+    chunked = train(W.make_model(), W.make_data(), quiet(steps=3))["train_loss"]
+    assert calls and np.allclose(chunked, reference, rtol=1e-5)
+
+
+def test_throughput_and_model_flops_utilisation():
+    from ftbook.train import measured_throughput, model_flops_per_token, peak_tflops
+
+    assert peak_tflops("NVIDIA H200") == 989.0 and peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("Tesla T4") == 65.0 and peak_tflops(None) is None and peak_tflops("Some GPU") is None
+    model = W.make_model()
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert model_flops_per_token(model, 16) == 6 * linear + 12 * model.config.num_hidden_layers * \
+        model.config.hidden_size * 16
+    out = measured_throughput(model, tokens=1000, seconds=2.0, seq_len=16, precision="bf16")
+    assert out["tokens_per_second"] == 500.0 and out["mfu"] is None and out["train_device"] == "cpu"

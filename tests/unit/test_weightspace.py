@@ -103,3 +103,17 @@ def test_update_report_of_a_full_update(tiny):
     assert (report.effective_rank > 2).all()  # a random update spreads its energy over many directions
     with pytest.raises(ValueError, match="differ"):
         W.update_report(before, {k: v for k, v in list(after.items())[1:]})
+
+
+def test_the_base_spectrum_is_computed_once_and_gives_the_same_report():
+    """Chapter 6 recomputed every base matrix's SVD (float64, CPU) for every run: at Qwen's 168 matrices of up to
+    4864 x 896 that was most of the chapter. base_spectra computes them once; the report is identical."""
+    g = torch.Generator().manual_seed(0)
+    base = {f"m{i}": torch.randn(24, 16, generator=g) for i in range(3)}
+    tuned = {k: v + 0.3 * torch.randn(24, 2, generator=g) @ torch.randn(2, 16, generator=g) for k, v in base.items()}
+    plain = W.update_report(base, tuned, top_k=4)
+    cached = W.update_report(base, tuned, top_k=4, base_svd=W.base_spectra(base))
+    assert plain.equals(cached)
+    on_device = W.update_report(base, tuned, top_k=4, base_svd=W.base_spectra(base, device="cpu"), device="cpu")
+    assert list(on_device.effective_rank) == list(plain.effective_rank)     # float32 where a GPU computes
+    assert list(on_device.intruders) == list(plain.intruders)
