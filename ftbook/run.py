@@ -266,13 +266,14 @@ def build_book(*, profile: str = "cpu", seed: int = 0, jobs: int = 1, execute_ch
 # --- reference runs ---------------------------------------------------------------------------------
 def _matching_record(chapter: str, profile: str, seed: int, code: dict | None, runs: list[dict]) -> dict | None:
     """The newest record of ``chapter`` at ``seed`` made by this code (any code if ``code`` is None) with the
-    profile's default knobs."""
+    profile's default knobs. A knob the record does not have was added after it was made: that run behaved as the
+    knob's default does (a new knob's default keeps the old behaviour), so it counts as set to it."""
     defaults = {k: v for k, v in specs.make(chapter, profile, seed).to_dict().items() if k != "device"}
     for rec in reversed(runs):
         if (rec.get("chapter"), rec.get("profile"), rec.get("seed")) != (chapter, profile, seed):
             continue
         params = rec.get("parameters", {})
-        if (code is None or rec.get("code") == code) and all(params.get(k) == v for k, v in defaults.items()):
+        if (code is None or rec.get("code") == code) and all(params.get(k, v) == v for k, v in defaults.items()):
             return rec
     return None
 

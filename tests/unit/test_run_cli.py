@@ -177,6 +177,28 @@ def test_results_from_records_of_another_code_keep_that_codes_digest(tmp_home, t
         run.results_from_records("01", folder, seeds=[0, 3])
 
 
+def test_records_made_before_a_knob_existed_count_at_its_default_but_not_at_another_value(tmp_home, tmp_path,
+                                                                                         monkeypatch):
+    """A sweep made before a knob was added (e.g. `stand_ins`) is still the default-knob run; a record that has the
+    knob at another value is not."""
+    from ftbook import records, specs
+
+    monkeypatch.setenv("FTBOOK_RESULTS", str(tmp_path / "results"))
+    folder = tmp_path / "older-records"
+    claim = {"id": "a", "paper": "P", "claim": "c", "measured": 1.0, "op": ">", "threshold": 0.5, "scale": "cpu",
+             "holds": True}
+    for seed in range(2):
+        params = specs.make("01", profile="cpu", seed=seed).to_dict()
+        del params["stand_ins"]
+        if seed == 1:
+            params["probe_facts"] = params["probe_facts"] * 2
+        records.write_record(chapter="01_pretraining", profile="cpu", seed=seed, parameters=params, metrics={},
+                             code={"source": "old", "notebook": "nb"}, directory=folder, claims=[claim])
+    assert json.loads(run.results_from_records("01", folder, seeds=[0]).read_text())["seeds"] == [0]
+    with pytest.raises(run.ConfigError, match="seeds \\[1\\]"):
+        run.results_from_records("01", folder, seeds=[0, 1])
+
+
 def test_a_chapter_refuses_several_processes_before_any_work(tmp_home, monkeypatch):
     """`accelerate launch -m ftbook.cli run ...` executed the whole notebook in every rank (chapter 1 deadlocked on
     the zoo's lock): a chapter runs on one device; chapters run side by side with --jobs."""
