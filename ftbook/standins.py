@@ -19,7 +19,6 @@ The switch is the environment variable ``FTBOOK_STAND_INS=1`` (set by ``ftbook.s
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import random
@@ -27,7 +26,7 @@ import shutil
 from pathlib import Path
 
 from . import data as D
-from .records import atomic_write_text, ftbook_home
+from .records import atomic_write_text, file_lock, ftbook_home
 
 ENV = "FTBOOK_STAND_INS"
 FORMAT = 2   # bump when what a stand-in holds changes: a new folder, nothing stale is reused
@@ -70,16 +69,9 @@ def root() -> Path:
     return ftbook_home() / "stand-ins" / f"v{FORMAT}"
 
 
-@contextlib.contextmanager
 def _locked(name: str):
-    path = root() / f".{name.replace('/', '--')}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    """The lock of one stand-in: two processes asking for it write it once."""
+    return file_lock(root() / f".{name.replace('/', '--')}.lock")
 
 
 class StandInError(ValueError):

@@ -19,9 +19,7 @@ vocabulary, ~25 M training tokens) in a ladder from 4 x 256 to 12 x 768 — minu
 """
 from __future__ import annotations
 
-import contextlib
 import difflib
-import fcntl
 import hashlib
 import json
 import os
@@ -32,7 +30,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from . import data as D
-from .records import atomic_write_text, ftbook_home, sha256_file
+from .records import atomic_write_text, file_lock, ftbook_home, sha256_file
 
 # Bump when the corpus or training code changes what a recipe produces.
 ZOO_FORMAT = 2  # 2: "final" really is the last step (1 saved the last kept step there)
@@ -180,18 +178,6 @@ def entry_dir(name: str, recipe: Recipe, seed: int, precision: str = "fp32") -> 
     return ftbook_home() / "zoo" / f"{name}-s{seed}-{recipe.key(precision)}"
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    """An exclusive file lock: two processes asking for the same model train it once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def verify(entry: Path) -> dict:
     """Check an entry against its manifest; remove it and raise if anything is off."""
     manifest_path = entry / "manifest.json"
@@ -221,7 +207,7 @@ def pretrain(name: str, seed: int = 0, *, profile: str | None = None, progress: 
     rec = recipe(name, profile, **overrides)
     device, precision = device or _default_device()[0], precision or _default_device()[1]
     entry = entry_dir(name, rec, seed, precision_class(device, precision))
-    with _locked(entry.with_name(entry.name + ".lock")):
+    with file_lock(entry.with_name(entry.name + ".lock")):  # two processes asking for one model train it once
         if (entry / "manifest.json").exists():
             verify(entry)
             return entry

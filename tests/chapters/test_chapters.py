@@ -35,21 +35,27 @@ def test_chapter_runs_end_to_end_at_smoke(chapter):
 OTHER_PATHS = {"gpu": {"code_path": "gpu", "stand_ins": True}, "scale": {"code_path": "scale"}}
 
 
-@pytest.fixture(scope="session")
-def other_path_runs():
-    """Every chapter on the gpu and scale code paths at smoke sizes, JOBS kernels at a time (cached)."""
+def _execute_side_by_side(runs: dict) -> dict:
+    """``{key: run.execute's keyword arguments}``, JOBS kernels at a time (cached). A run that fails is kept as its
+    exception, for that key's own test to report."""
     from concurrent.futures import ThreadPoolExecutor
 
     out = {}
     with ThreadPoolExecutor(max_workers=JOBS) as pool:
-        futures = {(ch, path): pool.submit(run.execute, ch, profile="smoke", seed=0, parameters=params)
-                   for path, params in OTHER_PATHS.items() for ch in CHAPTERS}
+        futures = {key: pool.submit(run.execute, **kwargs) for key, kwargs in runs.items()}
         for key, future in futures.items():
             try:
                 out[key] = future.result()
             except Exception as exc:  # noqa: BLE001 - reported by the chapter's own test
                 out[key] = exc
     return out
+
+
+@pytest.fixture(scope="session")
+def other_path_runs():
+    """Every chapter on the gpu and scale code paths at smoke sizes."""
+    return _execute_side_by_side({(ch, path): dict(chapter=ch, profile="smoke", seed=0, parameters=params)
+                                  for path, params in OTHER_PATHS.items() for ch in CHAPTERS})
 
 
 @pytest.mark.parametrize("path", list(OTHER_PATHS))
@@ -115,18 +121,8 @@ def test_a_misspelt_papermill_parameter_stops_the_chapter_before_any_work(tmp_pa
 
 @pytest.fixture(scope="session")
 def cpu_runs():
-    """Execute every chapter at cpu, seed 0 (cached); failures are reported per chapter."""
-    out = {}
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=JOBS) as pool:
-        futures = {ch: pool.submit(run.execute, ch, profile="cpu", seed=0) for ch in CHAPTERS}
-        for ch, future in futures.items():
-            try:
-                out[ch] = future.result()
-            except Exception as exc:  # noqa: BLE001 - reported by the chapter's own test
-                out[ch] = exc
-    return out
+    """Every chapter at cpu, seed 0; failures are reported per chapter."""
+    return _execute_side_by_side({ch: dict(chapter=ch, profile="cpu", seed=0) for ch in CHAPTERS})
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS)
