@@ -75,6 +75,14 @@ def meets_standard(entry: dict | None, standard: float | None = None) -> bool | 
     return entry["held"] >= standard * entry["judged"] - 1e-9
 
 
+def judged_at(entry: dict, profile: str = "cpu") -> bool:
+    """Whether a claim has reference runs and its scale is judged at ``profile``: a claim of scale ``"scale"`` is judged
+    at the scale and gpu profiles, not at cpu (its cpu runs stay a measurement)."""
+    from .config import SCALES
+
+    return bool(entry.get("judged")) and SCALES.index(entry.get("scale") or "cpu") <= SCALES.index(profile)
+
+
 def as_declared(entry: dict, declared: dict | None) -> dict:
     """A results entry with the standard and scale the chapter's code declares now (``declared``: from its latest
     run record; a claim restated after the reference runs keeps its measured values and rate)."""
@@ -142,7 +150,7 @@ def totals(profile: str = "cpu", declared: dict | None = None) -> dict:
     (``declared``: ``{(chapter, id): {"standard", "scale"}}`` as the chapters' code states them now)."""
     declared = declared or {}
     entries = [as_declared(c, declared.get((r["chapter"], c["id"]))) for r in all_results(profile) for c in r["claims"]]
-    judged = [c for c in entries if c.get("judged") and c.get("scale") != "gpu"]
+    judged = [c for c in entries if judged_at(c, profile)]
     meeting = [c for c in judged if meets_standard(c)]
     return {"chapters": len(all_results(profile)), "claims": len(judged), "meeting": len(meeting),
             "every_run": sum(c["held"] == c["judged"] for c in judged),

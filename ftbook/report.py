@@ -17,8 +17,8 @@ def claims_table(directory: Path | None = None) -> pd.DataFrame:
     for rec in records.latest_records(directory):
         for claim in rec.get("claims", []):
             verdict = VERDICT[claim.get("holds")]
-            if claim.get("holds") is None and claim.get("scale") == "gpu" and rec["profile"] != "smoke":
-                verdict = "gpu scale only"
+            if claim.get("holds") is None and claim.get("scale") in ("scale", "gpu") and rec["profile"] != "smoke":
+                verdict = "gpu scale only" if claim["scale"] == "gpu" else "scale and gpu only"
             rows.append({"chapter": rec["chapter"], "profile": rec["profile"], "seed": rec["seed"],
                          "id": claim["id"], "paper": claim["paper"], "claim": claim["claim"],
                          "measured": claim["measured"], "threshold": f"{claim['op']} {claim['threshold']:g}",
@@ -79,7 +79,7 @@ def reference_table(profile: str = "cpu", declared: dict | None = None) -> pd.Da
     for results in reference.all_results(profile):
         for c in results["claims"]:
             c = reference.as_declared(c, declared.get((results["chapter"], c["id"])))
-            judged_here = c.get("judged") and c.get("scale") != "gpu"
+            judged_here = reference.judged_at(c, profile)
             row = {"chapter": results["chapter"], "id": c["id"], "threshold": f"{c['op']} {c['threshold']:g}",
                    "held": reference.rate_text(c) if judged_here else
                    f"{c['scale']} only" + (f" ({reference.rate_text(c)} at {profile})" if c.get("judged") else ""),

@@ -103,6 +103,13 @@ def test_the_chapters_current_declaration_wins_over_the_recorded_one(tmp_path, m
                                                 "stated_as_rates": 0}
     table = report.reference_table(declared=moved)
     assert table.set_index("id").loc["b", "held"] == "gpu only (7/10 at cpu)"
+    # moved to the scale profile: not judged at cpu either, but judged at scale (and gpu)
+    to_scale = {("01_pretraining", "b"): {"standard": 0.9, "scale": "scale"}}
+    assert reference.totals(declared=to_scale)["claims"] == 1
+    assert report.reference_table(declared=to_scale).set_index("id").loc["b", "held"] == "scale only (7/10 at cpu)"
+    b = reference.as_declared(next(c for c in reference.load("01_pretraining")["claims"] if c["id"] == "b"),
+                              to_scale[("01_pretraining", "b")])
+    assert not reference.judged_at(b, "cpu") and reference.judged_at(b, "scale") and reference.judged_at(b, "gpu")
 
 
 def test_a_claim_stated_as_a_rate_carries_its_standard_into_the_record(tmp_home):
