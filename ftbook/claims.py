@@ -139,10 +139,17 @@ class ClaimBook:
         return plots.reference_strips(
             [{"claim": f"{c.id}", "values": self.reference[c.id]["values"], "holds": self.reference[c.id]["holds"],
               "threshold": c.threshold, "this_run": c.measured,
-              "rate": f"{self.reference[c.id]['held']}/{self.reference[c.id]['judged']}"
-              if self.reference[c.id].get("judged") else "gpu only"} for c in shown],
+              "rate": self._reference_rate(c)} for c in shown],
             title=f"Reference runs (seeds {', '.join(map(str, self.reference[shown[0].id]['seeds']))}): "
                   f"measured value per seed vs threshold; ★ this run")
+
+    def _reference_rate(self, c: Claim) -> str:
+        """"9/10"; for a claim judged at a larger scale, the rate its runs here had and where it is judged now."""
+        ref = self.reference[c.id]
+        if not ref.get("judged"):
+            return f"{c.scale} only"
+        rate = f"{ref['held']}/{ref['judged']}"
+        return rate if self._judged_here(c.scale) else f"{rate} at {self.cfg.profile}; judged at {c.scale}"
 
     def failed(self) -> list[Claim]:
         return [c for c in self.claims if c.holds is False]

@@ -112,6 +112,17 @@ def test_the_chapters_current_declaration_wins_over_the_recorded_one(tmp_path, m
     assert not reference.judged_at(b, "cpu") and reference.judged_at(b, "scale") and reference.judged_at(b, "gpu")
 
 
+def test_the_reference_figure_says_where_a_moved_claim_is_judged_now(tmp_home, tmp_path, monkeypatch):
+    """Claim 'b' was judged at cpu in the reference runs, then moved to the scale profile: its strip keeps the cpu
+    rate and says where it is judged now."""
+    _reference(tmp_path, monkeypatch, held_b=2)
+    book = claims.ClaimBook(_cfg(strict=False))
+    book.check("a", paper="P", claim="x > 1", measured=2.0, op=">", threshold=1)
+    book.check("b", paper="P", claim="y <= 0", measured=0.5, op="<=", threshold=0, scale="scale")
+    titles = [a.text for a in book.reference_figure().layout.annotations]
+    assert titles == ["a · held in 10/10", "b · held in 2/10 at cpu; judged at scale"]
+
+
 def test_a_claim_stated_as_a_rate_carries_its_standard_into_the_record(tmp_home):
     book = claims.ClaimBook(_cfg(strict=False))
     book.check("r", paper="P", claim="TIES beats TA", measured=0.01, op=">", threshold=0, standard=0.7)
