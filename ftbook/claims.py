@@ -72,12 +72,10 @@ class ClaimBook:
         return scale
 
     def _judged_here(self, scale: str) -> bool:
-        from .config import SCALES
+        from .config import judged_at_scale
 
-        profile = self.cfg.profile
-        if profile == "smoke" or self.stand_ins:
-            return False  # smoke runs check the code path, stand-ins are not the models the claims are about
-        return SCALES.index(scale) <= SCALES.index(profile)
+        # smoke runs check the code path (judged_at_scale says no), stand-ins are not the models the claims are about
+        return not self.stand_ins and judged_at_scale(scale, self.cfg.profile)
 
     def check(self, id: str, *, paper: str, claim: str, measured: float, op: str, threshold: float,
               scale: str = "cpu", note: str = "", standard: float = 0.9) -> Claim:

@@ -25,6 +25,11 @@ PROFILES = ("smoke", "cpu", "scale", "gpu")
 SCALES = ("cpu", "scale", "gpu")
 
 
+def judged_at_scale(scale: str, profile: str) -> bool:
+    """Whether a claim declared at ``scale`` is judged in a run of ``profile`` (smoke judges nothing)."""
+    return profile in SCALES and SCALES.index(scale) <= SCALES.index(profile)
+
+
 def did_you_mean(value, known, *, spell: str = "'{}'") -> str:
     """`` — did you mean 'x'?`` for the entry of ``known`` closest to a misspelt ``value``, else ``""``."""
     close = difflib.get_close_matches(str(value), [str(k) for k in known], n=1)

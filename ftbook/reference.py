@@ -78,9 +78,9 @@ def meets_standard(entry: dict | None, standard: float | None = None) -> bool | 
 def judged_at(entry: dict, profile: str = "cpu") -> bool:
     """Whether a claim has reference runs and its scale is judged at ``profile``: a claim of scale ``"scale"`` is judged
     at the scale and gpu profiles, not at cpu (its cpu runs stay a measurement)."""
-    from .config import SCALES
+    from .config import judged_at_scale
 
-    return bool(entry.get("judged")) and SCALES.index(entry.get("scale") or "cpu") <= SCALES.index(profile)
+    return bool(entry.get("judged")) and judged_at_scale(entry.get("scale") or "cpu", profile)
 
 
 def as_declared(entry: dict, declared: dict | None) -> dict:

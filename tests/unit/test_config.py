@@ -200,3 +200,11 @@ def test_smoke_sizes_bound_every_code_path():
             allowed = {"02_adapters": {"seq_len", "hard_seq_len"}, "05_instruction_tuning": {"seq_len"},
                        "08_pretraining_checkpoints": {"seq_len"}}   # hub tokenizers need longer rows
             assert set(leaked) <= allowed.get(name, set()), (name, path, leaked)
+
+
+def test_a_claim_is_judged_at_its_scale_and_every_larger_one_but_never_at_smoke():
+    from ftbook.config import judged_at_scale
+
+    assert judged_at_scale("cpu", "cpu") and judged_at_scale("cpu", "gpu") and judged_at_scale("scale", "scale")
+    assert not judged_at_scale("scale", "cpu") and not judged_at_scale("gpu", "scale")
+    assert not judged_at_scale("cpu", "smoke")
