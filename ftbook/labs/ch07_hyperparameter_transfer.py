@@ -142,13 +142,32 @@ def best_lr(results: Sequence[dict], parametrization: str, width: int) -> float:
     return min(rows, key=lambda r: (r["val_loss"], r["lr"]))["lr"]
 
 
-def optimum_shift(results: Sequence[dict], parametrization: str, widths: Sequence[int],
-                  grid: Sequence[float]) -> int:
-    """How many grid steps the loss-optimal learning rate spans across ``widths`` (max index − min)."""
+def optimum_position(results: Sequence[dict], parametrization: str, width: int, grid: Sequence[float]) -> float:
+    """Where the loss-optimal learning rate lies on ``grid``, in grid steps and between grid points: the index of the
+    best grid point plus the vertex of the parabola through it and its two neighbours (validation loss against
+    log lr). The vertex lies within half a step of the best point. At the grid's edge, or next to a diverged run, the
+    best point's index is all there is."""
     grid = sorted(grid)
-    idx = [min(range(len(grid)), key=lambda i: abs(math.log(grid[i] / best_lr(results, parametrization, w))))
-           for w in widths]
-    return max(idx) - min(idx)
+    rows = {r["lr"]: r["val_loss"] for r in results if r["parametrization"] == parametrization
+            and r["width"] == width and not r["qk_norm"] and not r.get("z_loss")}
+    i = grid.index(nearest(grid, best_lr(results, parametrization, width)))
+    if not 0 < i < len(grid) - 1:
+        return float(i)
+    below, at, above = (rows.get(grid[k], math.inf) for k in (i - 1, i, i + 1))
+    bend = below - 2 * at + above
+    if not (math.isfinite(below) and math.isfinite(above)) or bend <= 0:
+        return float(i)
+    # a factor-2 grid is uniform in log lr, so the three points are one step apart
+    return i + 0.5 * (below - above) / bend
+
+
+def optimum_shift(results: Sequence[dict], parametrization: str, widths: Sequence[int],
+                  grid: Sequence[float]) -> float:
+    """How many grid steps the loss-optimal learning rate spans across ``widths`` (largest position − smallest, each
+    from :func:`optimum_position`: a near-tie between two neighbouring grid points moves it by a fraction of a step,
+    not by a whole one)."""
+    positions = [optimum_position(results, parametrization, w, grid) for w in widths]
+    return max(positions) - min(positions)
 
 
 def lr_grid(lr_min: float, points: int) -> list[float]:

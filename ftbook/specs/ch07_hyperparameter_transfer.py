@@ -41,7 +41,6 @@ SPEC = ChapterSpec(
         vocab_size=512,           # BPE vocabulary trained on the corpus (vocab dominates cost at this size)
         corpus="world",           # "world" (the book's synthetic corpus), an ftbook.corpora name, or hf:org/name@config
         train_docs=6000,          # documents of the corpus used
-        sharpness_lr=0.032,       # learning rate of the runs whose sharpness is tracked (nearest grid point)
         sharpness_every=25,       # steps between Hessian eigenvalue measurements
         instability_width=128,    # width of the qk-LayerNorm comparison
         instability_lr=0.064,     # high learning rate at which the instability claim is judged (nearest grid point)
@@ -50,17 +49,17 @@ SPEC = ChapterSpec(
     ),
     diffs={
         "smoke": dict(widths=[32, 64], lr_min=0.016, grid_points=3, steps=6, warmup_steps=2, train_docs=400,
-                      vocab_size=384, sharpness_lr=0.032, sharpness_every=3, instability_width=32,
+                      vocab_size=384, sharpness_every=3, instability_width=32,
                       instability_lr=0.064,
                       # cpu values: kept for the scale and gpu code paths at smoke sizes
                       batch_size=16, seq_len=32, n_layer=2, n_head=4),
         "gpu": dict(widths=[128, 256, 512, 1024], lr_min=1e-3, grid_points=8, steps=1000, batch_size=64, seq_len=128,
                     n_layer=4, n_head=8, vocab_size=4096, corpus="hf:Salesforce/wikitext@wikitext-103-raw-v1",
-                    train_docs=200000, sharpness_lr=0.008, sharpness_every=100, instability_width=512,
+                    train_docs=200000, sharpness_every=100, instability_width=512,
                     instability_lr=0.032, workers=1),
         # the book's world corpus, wider models and longer runs, on the device
         "scale": dict(widths=[64, 128, 256, 512], lr_min=2e-3, grid_points=7, steps=300, batch_size=32, seq_len=128,
-                      n_head=4, vocab_size=4096, train_docs=100_000, sharpness_lr=0.016, sharpness_every=100,
+                      n_head=4, vocab_size=4096, train_docs=100_000, sharpness_every=100,
                       instability_width=256, instability_lr=0.064, workers=1),
     },
     validators={"widths": _check_widths, "corpus": _check_corpus, "grid_points": at_least(3),

@@ -55,3 +55,30 @@ def test_a_sweep_point_trains_in_the_precision_it_is_given(monkeypatch):
                                       log_every=1), ids, ids[:8])
     assert seen == [("cpu", "bf16")] and out["precision"] == "bf16" and np.isfinite(out["val_loss"])
     assert lab.RunSpec("sp", 32, 1e-2).precision == "fp32"     # the cpu default, unchanged
+
+
+def _sweep(parametrization, width, grid, losses):
+    return [{"parametrization": parametrization, "width": width, "lr": lr, "val_loss": loss, "qk_norm": False,
+             "z_loss": 0.0} for lr, loss in zip(grid, losses)]
+
+
+def test_the_optimum_lies_between_grid_points_at_the_vertex_of_the_loss_parabola():
+    grid = lab.lr_grid(1e-3, 6)
+    vertex = 2.3                                     # in grid steps
+    losses = [3.0 + 0.1 * (k - vertex) ** 2 for k in range(6)]
+    assert lab.optimum_position(_sweep("mup", 32, grid, losses), "mup", 32, grid) == pytest.approx(vertex)
+    # at the grid's edge, or beside a diverged run, the best grid point is all there is
+    assert lab.optimum_position(_sweep("mup", 32, grid, [1, 2, 3, 4, 5, 6]), "mup", 32, grid) == 0.0
+    assert lab.optimum_position(_sweep("mup", 32, grid, [5, 4, 3, 2, float("inf"), 6]), "mup", 32, grid) == 3.0
+
+
+def test_a_near_tie_moves_the_optimum_by_a_fraction_of_a_step_and_a_moving_optimum_by_its_distance():
+    grid = lab.lr_grid(1e-3, 7)
+    # two widths whose best grid points differ by one step only because their neighbours nearly tie
+    tie = _sweep("mup", 32, grid, [3.0 + 0.1 * (k - 2.45) ** 2 for k in range(7)])
+    tie += _sweep("mup", 64, grid, [2.9 + 0.1 * (k - 2.55) ** 2 for k in range(7)])
+    assert lab.optimum_shift(tie, "mup", [32, 64], grid) == pytest.approx(0.1)
+    # SP's optimum moving a step per doubling of the width spans the distance it moved
+    moving = [row for w, v in ((32, 4.2), (64, 3.2), (128, 2.2)) for row in
+              _sweep("sp", w, grid, [3.0 + 0.1 * (k - v) ** 2 for k in range(7)])]
+    assert lab.optimum_shift(moving, "sp", [32, 64, 128], grid) == pytest.approx(2.0)
