@@ -29,9 +29,10 @@ from . import data as D
 from .records import atomic_write_text, file_lock, ftbook_home
 
 ENV = "FTBOOK_STAND_INS"
-FORMAT = 2   # bump when what a stand-in holds changes: a new folder, nothing stale is reused
+FORMAT = 3   # bump when what a stand-in holds changes: a new folder, nothing stale is reused (3: step100000, Qwen 3B)
 # The revisions of the Pythia stand-ins: Pythia's own branch names (its 154 include these); "main" is the last.
-PYTHIA_STEPS = (0, 1000, 3000, 13000, 33000, 73000, 143000)
+# step100000: chapter 9's v1 (v2 is main).
+PYTHIA_STEPS = (0, 1000, 3000, 13000, 33000, 73000, 100000, 143000)
 PICKLED_ONLY = "step2000"   # a branch with pytorch_model.bin only (EleutherAI/pythia#206): loading it must refuse
 
 # hub model id -> the kind of stand-in (architecture and tokenizer)
@@ -40,6 +41,7 @@ MODELS = {
     "EleutherAI/pythia-160m-deduped": "gpt_neox", "EleutherAI/pythia-160m-seed1": "gpt_neox",
     "EleutherAI/pythia-160m-seed2": "gpt_neox",
     "Qwen/Qwen2.5-0.5B": "qwen2", "Qwen/Qwen2.5-0.5B-Instruct": "qwen2", "Qwen/Qwen2.5-1.5B": "qwen2",
+    "Qwen/Qwen2.5-3B": "qwen2", "Qwen/Qwen2.5-3B-Instruct": "qwen2",
     "FacebookAI/roberta-base": "roberta", "roberta-base": "roberta",
 }
 # hub dataset id -> {config (None: the default) -> {split: rows}}
