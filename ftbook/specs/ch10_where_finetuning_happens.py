@@ -1,0 +1,80 @@
+"""Knobs of chapter 10_where_finetuning_happens: defaults at the ``cpu`` profile, diffs for ``smoke`` and ``gpu``,
+validators."""
+from __future__ import annotations
+
+from ..config import ChapterSpec, register
+from ._checks import at_least, comma_list, known_names, pretrained_model
+
+# Kept here (not imported from the lab) so that resolving a config never imports torch.
+RULES = ("max", "min", "first", "last")  # ftbook.labs.ch10_where_finetuning_happens.RULES
+
+
+def _check_rule(value: str) -> None:
+    known_names(value, RULES, "rule")
+
+
+def _check_fractions(value: str) -> None:
+    items = comma_list(value, float)
+    if not items or any(not 0 < x <= 1 for x in items) or items != sorted(set(items)):
+        raise ValueError(f"must be increasing fractions in (0, 1], no repeats, e.g. '0.001,0.01,0.1'; got {value!r}")
+
+
+def _check_shots(value: str) -> None:
+    items = comma_list(value, int)
+    if not items or any(x < 2 for x in items) or items != sorted(set(items)):
+        raise ValueError(f"must be increasing training-set sizes >= 2, no repeats, e.g. '16,64,256'; got {value!r}")
+
+
+def _check_unit_fraction(value: float) -> None:
+    if not 0 < value <= 1:
+        raise ValueError(f"must lie in (0, 1], got {value}")
+
+
+def _check_non_negative(value: float) -> None:
+    if not value >= 0:
+        raise ValueError(f"must be >= 0, got {value}")
+
+
+register(ChapterSpec(
+    name="10_where_finetuning_happens",
+    title="Where fine-tuning happens: layers, a handful of parameters, and the kernel view",
+    defaults=dict(
+        model="zoo:base",              # the pre-trained base every arm starts from
+        train_examples=2000,           # training examples of experiments 1, 2 and 4 (the few-shot sets are drawn from them)
+        test_examples=500,             # test examples of every experiment (and of the shifted test set)
+        seq_len=24, batch_size=16,
+        # 1. layers (Lee et al., Yosinski et al.) and 4. LP-FT (Kumar et al.): a head-based classifier
+        layer_rule="first",            # a rule pre-training never taught in any form: the skill is new
+        layer_steps=150, layer_lr=3e-3,
+        probe_l2=1e-3,                 # L2 penalty of the linear probe (the head-only arm and LP-FT's start)
+        transfer=True,                 # Yosinski's transfer curve: 11 more fine-tunes
+        # 2. grafting (Panigrahi et al.): prompt-based fine-tuning, grafts of its update
+        graft_rule="max",              # a rule pre-training narrated, asked in a new form
+        other_rule="min",              # the second task whose mask is compared
+        graft_steps=150, graft_lr=1e-3,
+        graft_fractions="0.001,0.003,0.01,0.03,0.1",
+        graft_fraction=0.01,           # the claim's graft size ("≤ 1 % of the parameters")
+        mask_steps=100, mask_lr=2.0,   # the learned mask: descent steps, largest step of a score
+        mask_bias=3.0,                 # b in σ(S − b): how little of the update outside the start is grafted at first
+        # 3. the kernel view (Malladi et al.): few-shot fine-tuning vs its linearization
+        kernel_rule="max",
+        shots="32,128,512",            # few-shot training-set sizes (3 to 50 examples per class)
+        kernel_steps=60, kernel_lr=1e-3,
+        workers=2,                     # processes for the chapter's fine-tunes (cpu: 2; gpu: 1)
+    ),
+    diffs={
+        "smoke": dict(train_examples=64, test_examples=32, seq_len=40, layer_steps=4, graft_steps=4, kernel_steps=4,
+                      shots="8,16", graft_fractions="0.01,0.1", mask_steps=3, workers=1),
+        "gpu": dict(model="hf:EleutherAI/pythia-160m", train_examples=4000, test_examples=1000, seq_len=32,
+                    batch_size=32, layer_steps=300, layer_lr=2e-5, graft_steps=300, graft_lr=1e-5,
+                    graft_fractions="0.0001,0.001,0.01,0.03", kernel_steps=200, kernel_lr=1e-5,
+                    shots="16,64,256,512", mask_steps=200, workers=1),
+    },
+    validators={"model": pretrained_model, "layer_rule": _check_rule, "graft_rule": _check_rule,
+                "other_rule": _check_rule, "kernel_rule": _check_rule, "graft_fractions": _check_fractions,
+                "graft_fraction": _check_unit_fraction, "shots": _check_shots,
+                "train_examples": at_least(16), "test_examples": at_least(8), "seq_len": at_least(16),
+                "batch_size": at_least(1), "layer_steps": at_least(1), "graft_steps": at_least(1),
+                "kernel_steps": at_least(1), "mask_steps": at_least(1), "probe_l2": _check_non_negative,
+                "mask_bias": _check_non_negative, "workers": at_least(1)},
+))
