@@ -10,9 +10,18 @@ The answer is one digit, so every arm is a 10-way classifier read at the input's
   state — the setting of layer freezing (Lee et al.), transfer (Yosinski et al.) and LP-FT (Kumar et al.).
 
 :class:`Classifier` is both (one module, one parameter naming); :func:`finetune` trains a copy with the book's loop
-(:func:`ftbook.train.train`) and a ``trainable(name)`` filter that freezes the rest; :func:`layer_group` names the
-part of the network a parameter belongs to. Grafting (Panigrahi et al.) works on state dicts: :func:`magnitude_mask`,
-:func:`random_mask`, :func:`learned_mask`, :func:`graft`. The kernel view uses :mod:`ftbook.methods.ntk`.
+(:func:`ftbook.train.train`) and a ``trainable(name)`` filter that freezes the rest.
+
+1. Layers: :func:`layer_units` lists the network bottom-up (embeddings, each block's attention and MLP),
+   :func:`layer_unit` names the unit of a parameter, :func:`train_above` freezes the first *k*, :func:`transplant`
+   copies the first *n* into a fresh network (Yosinski et al.).
+2. Grafting (Panigrahi et al.): :func:`task_vector`, :func:`magnitude_mask`, :func:`random_mask`,
+   :func:`learned_mask`, :func:`graft`, :func:`mask_overlap`.
+3. The kernel view: :class:`ftbook.methods.ntk.Linearized` trained by the same recipe (:func:`kernel_run`).
+4. LP-FT (Kumar et al.): :func:`probed` (the head set to the linear probe), :func:`feature_shift`.
+
+The chapter's runs are jobs for :class:`ftbook.parallel.Pool` (:func:`layer_run`, :func:`probe_run`,
+:func:`graft_run`, :func:`kernel_run`): each loads the base itself (:func:`load_base`, once per process).
 """
 from __future__ import annotations
 
@@ -27,7 +36,6 @@ import torch
 from torch import nn
 
 from .. import data as D
-from ..records import peak_rss_mib  # noqa: F401 (the chapter reads it from here)
 
 RULES = ("max", "min", "first", "last")   # data.TASKS families whose answer is one digit of the list
 ANSWER_CUE = "answer :"
@@ -84,7 +92,8 @@ def encode(examples: Examples, tokenizer, seq_len: int, *, prompt: bool):
 
     pad = tokenizer.pad_token_id
     ids_rows, mask_rows = [], []
-    for text, ids in zip(examples.texts(prompt), tokenizer(examples.texts(prompt), add_special_tokens=False)["input_ids"]):
+    texts = examples.texts(prompt)
+    for text, ids in zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"]):
         if len(ids) > seq_len:
             raise ValueError(f"{text!r} has {len(ids)} tokens; seq_len={seq_len} is too short")
         ids_rows.append(ids + [pad] * (seq_len - len(ids)))
@@ -142,7 +151,8 @@ def label_token_ids(tokenizer, words: Sequence[str] = DIGITS) -> list[int]:
     for w in words:
         ids = tokenizer(" " + w, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
-            raise ValueError(f"label word {w!r} is {len(ids)} tokens in this vocabulary; prompt-based scoring needs one")
+            raise ValueError(f"label word {w!r} is {len(ids)} tokens in this vocabulary; "
+                             "prompt-based scoring needs one")
         out.append(ids[0])
     return out
 
@@ -214,15 +224,21 @@ def layer_units(model: nn.Module) -> list[str]:
 
 
 def layer_unit(name: str) -> str:
-    """The unit (see :func:`layer_units`) a parameter belongs to, or ``top`` for the final norm and the head
-    (``head.*``); embeddings are everything below the first block."""
-    if name.startswith("head."):
+    """The unit (see :func:`layer_units`) a parameter belongs to, or ``top`` for the final norm, the new head
+    (``head.*``) and an untied output embedding (``lm_head``, GPT-NeoX's ``embed_out``); embeddings are everything
+    else below the first block."""
+    if name.startswith("head.") or "lm_head" in name or "embed_out" in name:
         return "top"
     found = _BLOCK.search(name)
     if found:
         sub = name[found.end():]
         return f"{found.group(1)}.{'attention' if sub.split('.')[0] in _ATTENTION else 'mlp'}"
     return "top" if "norm" in name or "ln_f" in name else "embeddings"
+
+
+def block_boundaries(units: Sequence[str]) -> list[int]:
+    """Unit counts that end at a block boundary: 0 (nothing), 1 (the embeddings), then after each whole block."""
+    return [0] + [k for k in range(1, len(units) + 1) if units[k - 1] == "embeddings" or units[k - 1].endswith(".mlp")]
 
 
 def train_above(units: Sequence[str], k: int) -> Callable[[str], bool]:
@@ -263,7 +279,7 @@ def _top_fraction(scores: Mapping[str, torch.Tensor], fraction: float) -> dict[s
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
     flat = torch.cat([s.reshape(-1).float() for s in scores.values()])
-    keep = torch.zeros(len(flat), dtype=torch.bool)
+    keep = torch.zeros(len(flat), dtype=torch.bool, device=flat.device)
     keep[torch.topk(flat, max(1, round(fraction * len(flat)))).indices] = True
     out, start = {}, 0
     for name, s in scores.items():
@@ -279,8 +295,8 @@ def magnitude_mask(tau: Mapping[str, torch.Tensor], fraction: float) -> dict[str
 
 def random_mask(tau: Mapping[str, torch.Tensor], fraction: float, *, seed: int) -> dict[str, torch.Tensor]:
     """A uniformly random ``fraction`` of the parameters: the control of the same size."""
-    generator = torch.Generator().manual_seed(seed)
-    return _top_fraction({n: torch.rand(t.shape, generator=generator) for n, t in tau.items()}, fraction)
+    generator = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same mask on any device
+    return _top_fraction({n: torch.rand(t.shape, generator=generator).to(t.device) for n, t in tau.items()}, fraction)
 
 
 def graft(base: nn.Module, tau: Mapping[str, torch.Tensor], mask: Mapping[str, torch.Tensor]) -> nn.Module:
@@ -288,7 +304,7 @@ def graft(base: nn.Module, tau: Mapping[str, torch.Tensor], mask: Mapping[str, t
     model = copy.deepcopy(base)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.add_(tau[name] * mask[name].to(p.dtype))
+            p.add_(tau[name].to(p.device) * mask[name].to(p.device, p.dtype))
     return model
 
 
@@ -313,7 +329,7 @@ def learned_mask(base: nn.Module, tau: Mapping[str, torch.Tensor], data, fractio
 
     rows = TensorData(data)
     device = next(base.parameters()).device
-    start = {n: m.to(t.dtype) for n, (m, t) in zip(tau, zip(magnitude_mask(tau, fraction).values(), tau.values()))}
+    start = {n: m.to(tau[n].device, tau[n].dtype) for n, m in magnitude_mask(tau, fraction).items()}
     theta = {n: p.detach() for n, p in base.named_parameters()}
     scores = {n: torch.zeros_like(t, requires_grad=True) for n, t in tau.items()}
 
@@ -387,11 +403,14 @@ def check_knobs(cfg) -> None:
 
     fractions = comma_list(cfg.graft_fractions)
     if not any(np.isclose(cfg.graft_fraction, f) for f in fractions):
-        raise ConfigError("graft_fraction", f"{cfg.graft_fraction:g} must be one of graft_fractions ({cfg.graft_fractions})")
+        raise ConfigError("graft_fraction",
+                          f"{cfg.graft_fraction:g} must be one of graft_fractions ({cfg.graft_fractions})")
     if cfg.other_rule == cfg.graft_rule:
-        raise ConfigError("other_rule", f"must differ from graft_rule ({cfg.graft_rule!r}): the masks of two tasks are compared")
+        raise ConfigError("other_rule",
+                          f"must differ from graft_rule ({cfg.graft_rule!r}): the masks of two tasks are compared")
     if max(comma_list(cfg.shots, int)) > cfg.train_examples:
-        raise ConfigError("shots", f"the largest few-shot set ({cfg.shots}) exceeds train_examples={cfg.train_examples}")
+        raise ConfigError("shots",
+                          f"the largest few-shot set ({cfg.shots}) exceeds train_examples={cfg.train_examples}")
 
 
 # --- the chapter's runs, as jobs for ftbook.parallel (each loads the base itself, once per process) --------------
@@ -436,18 +455,20 @@ def _tune(start: nn.Module, rows, recipe: Recipe, seed: int, trainable=None) -> 
 
 def layer_run(spec: str, seed: int, profile: str | None, sets: Mapping[str, Examples], recipe: Recipe, *,
               freeze: int = 0, random_body: bool = False, transplanted: int | None = None, frozen: bool = False,
-              probe_first: bool = False, l2: float = 1e-3) -> dict:
+              probe_first: bool = False, l2: float = 1e-3, finetune_seed: int | None = None) -> dict:
     """One head-based fine-tune of experiments 1 and 4, scored on ``sets['test']`` and the shifted ``sets['shifted']``.
 
     ``freeze=k``: the first ``k`` units of :func:`layer_units` frozen — of the pre-trained network, or of a randomly
     initialised one (``random_body``: the control for "frozen pre-trained layers are general"). ``transplanted=n``:
     Yosinski et al.'s transfer — a fresh network with the first ``n`` units copied from the base, those ``frozen`` or
     fine-tuned too. ``probe_first``: LP-FT — the head starts as the linear probe (:func:`probed`), then everything
-    trains. Returns accuracies and how far the features moved (:func:`feature_shift`) on both test sets."""
+    trains. ``finetune_seed`` (default ``seed``) draws the new head and the data order.
+    Returns accuracies and how far the features moved (:func:`feature_shift`) on both test sets."""
     from .. import models
 
+    finetune_seed = seed if finetune_seed is None else finetune_seed
     lm, tokenizer = load_base(spec, seed, profile=profile)
-    base = Classifier(lm, n_classes=10, seed=seed).to(recipe.device)
+    base = Classifier(lm, n_classes=10, seed=finetune_seed).to(recipe.device)
     rows = {k: encode(v, tokenizer, recipe.seq_len, prompt=False) for k, v in sets.items()}
     units = layer_units(base)
     trainable = train_above(units, freeze)
@@ -459,7 +480,7 @@ def layer_run(spec: str, seed: int, profile: str | None, sets: Mapping[str, Exam
         trainable = train_above(units, transplanted) if frozen else None
     elif probe_first:
         start, trainable = probed(base, rows["train"], l2=l2), None
-    tuned = _tune(start, rows["train"], recipe, seed, trainable)
+    tuned = _tune(start, rows["train"], recipe, finetune_seed, trainable)
     return {"accuracy": accuracy(tuned, rows["test"]), "shifted": accuracy(tuned, rows["shifted"]),
             "shift_test": feature_shift(base, tuned, rows["test"]),
             "shift_shifted": feature_shift(base, tuned, rows["shifted"]),
@@ -534,32 +555,3 @@ def mask_locations(mask: Mapping[str, torch.Tensor]) -> dict[str, int]:
         out[layer_unit(name)] = out.get(layer_unit(name), 0) + int(m.sum())
     return out
 
-
-# --- the world's facts as a classification task ---------------------------------------------------------------------
-# Instruction wordings pre-training never used (it stated facts in prose and asked them as "q : ... a :").
-FACT_WORDINGS: dict[str, tuple[str, ...]] = {
-    "city": ("tell me the city of {e} .", "which town is home to {e} ?", "{e} lives in which city ?"),
-    "color": ("tell me the colour {e} likes .", "which colour does {e} prefer ?", "{e} likes which colour ?"),
-    "job": ("tell me the job of {e} .", "which work does {e} do ?", "{e} works as what ?"),
-    "pet": ("tell me the pet of {e} .", "which animal does {e} keep ?", "{e} has which pet ?"),
-}
-FACT_VALUES = tuple(sorted({v for values in D.ATTRIBUTES.values() for v in values}))  # the classes
-
-
-def fact_examples(world: D.World, *, split: str) -> Examples:
-    """The stated facts of the first half of the world's people (``train``) or of the second half (``test``), each
-    asked in every wording of :data:`FACT_WORDINGS`; the label is the value's index in :data:`FACT_VALUES`. A test
-    answer can only come from what pre-training stored: a network trained from scratch is at chance by construction."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    half = len(world.entities) // 2
-    people = set(world.entities[:half] if split == "train" else world.entities[half:])
-    instructions, labels = [], []
-    for fact in world.seen_facts():
-        if fact.entity in people:
-            for wording in FACT_WORDINGS[fact.attribute]:
-                instructions.append(wording.format(e=fact.entity))
-                labels.append(FACT_VALUES.index(fact.value))
-    order = list(range(len(labels)))
-    random.Random(f"ch10-facts-{split}-{world.seed}").shuffle(order)
-    return Examples([instructions[i] for i in order], [labels[i] for i in order])

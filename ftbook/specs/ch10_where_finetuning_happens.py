@@ -40,21 +40,22 @@ register(ChapterSpec(
     title="Where fine-tuning happens: layers, a handful of parameters, and the kernel view",
     defaults=dict(
         model="zoo:base",              # the pre-trained base every arm starts from
-        train_examples=2000,           # training examples of experiments 1, 2 and 4 (the few-shot sets are drawn from them)
+        train_examples=2000,           # training examples of experiments 1, 2, 4 (few-shot sets: their first rows)
         test_examples=500,             # test examples of every experiment (and of the shifted test set)
         seq_len=24, batch_size=16,
         # 1. layers (Lee et al., Yosinski et al.) and 4. LP-FT (Kumar et al.): a head-based classifier
         layer_rule="first",            # a rule pre-training never taught in any form: the skill is new
         layer_steps=150, layer_lr=3e-3,
         probe_l2=1e-3,                 # L2 penalty of the linear probe (the head-only arm and LP-FT's start)
-        transfer=True,                 # Yosinski's transfer curve: 11 more fine-tunes
+        transfer=True,                 # Yosinski's transfer curve at block boundaries: 7 more fine-tunes
+        lpft_runs=3,                   # fine-tunes averaged for FT and for LP-FT (head initialisation, data order)
         # 2. grafting (Panigrahi et al.): prompt-based fine-tuning, grafts of its update
         graft_rule="max",              # a rule pre-training narrated, asked in a new form
         other_rule="min",              # the second task whose mask is compared
         graft_steps=150, graft_lr=1e-3,
         graft_fractions="0.001,0.003,0.01,0.03,0.1",
         graft_fraction=0.01,           # the claim's graft size ("≤ 1 % of the parameters")
-        mask_steps=100, mask_lr=2.0,   # the learned mask: descent steps, largest step of a score
+        mask_steps=60, mask_lr=8.0,    # the learned mask: descent steps, largest step of a score
         mask_bias=3.0,                 # b in σ(S − b): how little of the update outside the start is grafted at first
         # 3. the kernel view (Malladi et al.): few-shot fine-tuning vs its linearization
         kernel_rule="max",
@@ -64,6 +65,7 @@ register(ChapterSpec(
     ),
     diffs={
         "smoke": dict(train_examples=64, test_examples=32, seq_len=40, layer_steps=4, graft_steps=4, kernel_steps=4,
+                      lpft_runs=2,
                       shots="8,16", graft_fractions="0.01,0.1", mask_steps=3, workers=1),
         "gpu": dict(model="hf:EleutherAI/pythia-160m", train_examples=4000, test_examples=1000, seq_len=32,
                     batch_size=32, layer_steps=300, layer_lr=2e-5, graft_steps=300, graft_lr=1e-5,
@@ -76,5 +78,6 @@ register(ChapterSpec(
                 "train_examples": at_least(16), "test_examples": at_least(8), "seq_len": at_least(16),
                 "batch_size": at_least(1), "layer_steps": at_least(1), "graft_steps": at_least(1),
                 "kernel_steps": at_least(1), "mask_steps": at_least(1), "probe_l2": _check_non_negative,
+                "lpft_runs": at_least(1),
                 "mask_bias": _check_non_negative, "workers": at_least(1)},
 ))
