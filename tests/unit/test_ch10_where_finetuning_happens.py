@@ -225,6 +225,33 @@ def test_jobs_run_and_report(tiny_spec):
     assert len(g["curve"]) == 6 and set(g["masks"]) == {"largest |τ|", "random", "learned"}
 
 
+def test_the_gpu_profiles_architecture_runs_every_job(tmp_path, tokenizer):
+    """Pythia's architecture (GPT-NeoX: an untied output embedding, fused attention weights), tiny and local: the
+    units, the prompt-based head, the linearisation and grafting all work on it as on the zoo's Llama."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    GPTNeoXForCausalLM(config).save_pretrained(tmp_path / "neox")
+    tokenizer.save_pretrained(tmp_path / "neox")
+    L._LOADED.clear()
+    spec = f"path:{tmp_path / 'neox'}"
+    lm, _ = L.load_base(spec, 0)
+    clf = L.Classifier(lm, label_ids=L.label_token_ids(tokenizer))
+    assert L.layer_units(clf)[:3] == ["embeddings", "0.attention", "0.mlp"]
+    assert L.layer_unit("lm.embed_out.weight") == "top" and L.layer_unit("lm.gpt_neox.embed_in.weight") == "embeddings"
+    recipe = L.Recipe(steps=2, lr=1e-3, seq_len=40)
+    train, test = L.rule_examples(["max"], 16, seed=0, split="train"), L.rule_examples(["max"], 8, seed=0, split="test")
+    sets = {"train": train, "test": test, "shifted": test.second_language()}
+    assert L.layer_run(spec, 0, None, sets, recipe, freeze=3)["trainable"] > 0
+    for prompt in (True, False):
+        assert 0 <= L.kernel_run(spec, 0, None, train, test, recipe, prompt=prompt, linearized=True) <= 1
+    g = L.graft_run(spec, 0, None, train, test, recipe, finetune_seed=0, fractions=[0.1], keep=0.1, mask_steps=2,
+                    mask_lr=8.0, mask_bias=3.0, random_seed=0)
+    assert L.mask_locations(g["masks"]["learned"])
+
+
 # --- knobs ------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("knob,value,words", [
     ("layer_rule", "frist", "did you mean 'first'"), ("graft_fractions", "0.1,0.01", "increasing"),
