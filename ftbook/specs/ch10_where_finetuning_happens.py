@@ -44,7 +44,7 @@ register(ChapterSpec(
         test_examples=500,             # test examples of every experiment (and of the shifted test set)
         seq_len=24, batch_size=16,
         # 1. layers (Lee et al., Yosinski et al.) and 4. LP-FT (Kumar et al.): a head-based classifier
-        layer_rule="first",            # a rule pre-training never taught in any form: the skill is new
+        layer_rule="first",            # a rule the base never learned (it cannot do it in any wording): a new skill
         layer_steps=150, layer_lr=3e-3,
         probe_l2=1e-3,                 # L2 penalty of the linear probe (the head-only arm and LP-FT's start)
         transfer=True,                 # Yosinski's transfer curve at block boundaries: 7 more fine-tunes
