@@ -19,7 +19,7 @@ Inside ``jvp`` attention runs on PyTorch's math kernel: the fused CPU and GPU ke
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from ftbook import models
+from ftbook import modeling
 from ftbook.methods import ntk
 
 
@@ -12,8 +12,8 @@ class LastTokenLogits(nn.Module):
 
     def __init__(self, seed=0):
         super().__init__()
-        config = models.tiny_config("llama", vocab_size=40, n_layer=2, d_model=16, n_head=2, max_len=16)
-        self.lm = models.from_config(config, seed=seed).double()
+        config = modeling.tiny_config("llama", vocab_size=40, n_layer=2, d_model=16, n_head=2, max_len=16)
+        self.lm = modeling.from_config(config, seed=seed).double()
 
     def forward(self, input_ids):
         return self.lm(input_ids=input_ids).logits[:, -1, :3]
