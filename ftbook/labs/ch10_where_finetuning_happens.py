@@ -28,8 +28,8 @@ from __future__ import annotations
 import copy
 import random
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -54,14 +54,14 @@ class Examples:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def take(self, n: int) -> "Examples":
+    def take(self, n: int) -> Examples:
         return Examples(self.instructions[:n], self.labels[:n])
 
     def texts(self, prompt: bool) -> list[str]:
         """What the model reads: with the answer cue (prompt-based) or the bare instruction (head-based)."""
         return [f"{x} {ANSWER_CUE}" if prompt else x for x in self.instructions]
 
-    def second_language(self) -> "Examples":
+    def second_language(self) -> Examples:
         """The same examples in the world's second surface language (letters rotated; digits kept)."""
         return Examples([D.to_second_language(x) for x in self.instructions], list(self.labels))
 
@@ -395,24 +395,6 @@ def feature_shift(before: Classifier, after: Classifier, data) -> float:
     return float(((b - a).norm(dim=1) / a.norm(dim=1).clamp_min(1e-12)).mean())
 
 
-def check_knobs(cfg) -> None:
-    """The knobs' rules that involve two knobs (each knob alone is checked by the chapter's spec); raises
-    :class:`ftbook.config.ConfigError` naming the parameter, before any work."""
-    from ..config import ConfigError
-    from ..specs._checks import comma_list
-
-    fractions = comma_list(cfg.graft_fractions)
-    if not any(np.isclose(cfg.graft_fraction, f) for f in fractions):
-        raise ConfigError("graft_fraction",
-                          f"{cfg.graft_fraction:g} must be one of graft_fractions ({cfg.graft_fractions})")
-    if cfg.other_rule == cfg.graft_rule:
-        raise ConfigError("other_rule",
-                          f"must differ from graft_rule ({cfg.graft_rule!r}): the masks of two tasks are compared")
-    if max(comma_list(cfg.shots, int)) > cfg.train_examples:
-        raise ConfigError("shots",
-                          f"the largest few-shot set ({cfg.shots}) exceeds train_examples={cfg.train_examples}")
-
-
 # --- the chapter's runs, as jobs for ftbook.parallel (each loads the base itself, once per process) --------------
 @dataclass(frozen=True)
 class Recipe:
@@ -464,7 +446,7 @@ def layer_run(spec: str, seed: int, profile: str | None, sets: Mapping[str, Exam
     fine-tuned too. ``probe_first``: LP-FT — the head starts as the linear probe (:func:`probed`), then everything
     trains. ``finetune_seed`` (default ``seed``) draws the new head and the data order.
     Returns accuracies and how far the features moved (:func:`feature_shift`) on both test sets."""
-    from .. import models
+    from ..modeling import from_config
 
     finetune_seed = seed if finetune_seed is None else finetune_seed
     lm, tokenizer = load_base(spec, seed, profile=profile)
@@ -474,7 +456,7 @@ def layer_run(spec: str, seed: int, profile: str | None, sets: Mapping[str, Exam
     trainable = train_above(units, freeze)
     start = base
     if random_body or transplanted is not None:
-        fresh = models.from_config(lm.config, seed=seed + 1)
+        fresh = from_config(lm.config, seed=seed + 1)
         start = transplant(base, fresh, units, transplanted or 0).to(recipe.device)
     if transplanted is not None:
         trainable = train_above(units, transplanted) if frozen else None

@@ -3,14 +3,14 @@ import numpy as np
 import pytest
 import torch
 
-from ftbook import config as C
-from ftbook import models
+from ftbook import modeling, specs
+from ftbook.config import ConfigError
 from ftbook.labs import ch10_where_finetuning_happens as L
 from ftbook.methods.ntk import Linearized
 
 
 def tiny_lm(tokenizer, arch="llama", seed=0, n_layer=2):
-    return models.from_config(models.tiny_config(arch, vocab_size=len(tokenizer), n_layer=n_layer, d_model=32,
+    return modeling.from_config(modeling.tiny_config(arch, vocab_size=len(tokenizer), n_layer=n_layer, d_model=32,
                                                  max_len=64), seed=seed)
 
 
@@ -254,26 +254,37 @@ def test_the_gpu_profiles_architecture_runs_every_job(tmp_path, tokenizer):
 
 # --- knobs ------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("knob,value,words", [
-    ("layer_rule", "frist", "did you mean 'first'"), ("graft_fractions", "0.1,0.01", "increasing"),
-    ("shots", "1,8", "increasing"), ("probe_l2", -1.0, ">= 0"), ("kernel_lr", 0.0, "positive"),
-    ("model", "gpt2", "zoo:base")])
+    ("layer_rule", "frist", "did you mean 'first'"), ("graft_fractions", [0.1, 0.01], "increasing"),
+    ("graft_fractions", [0.0, 0.1], "(0.0, 1.0]"), ("shots", [1, 8], "increasing"), ("shots", [8, 16.5], "int"),
+    ("probe_l2", -1.0, ">= 0"), ("kernel_lr", 0.0, "positive"), ("model", "gpt2", "zoo:base")])
 def test_bad_knobs_fail_with_one_clear_error(knob, value, words):
-    with pytest.raises(C.ConfigError, match=knob) as info:
-        C.make("10_where_finetuning_happens", profile="smoke", **{knob: value})
-    assert words in str(info.value)
+    with pytest.raises(ConfigError, match=knob) as info:
+        specs.make("10_where_finetuning_happens", profile="smoke", **{knob: value})
+    assert info.value.parameter == knob and words in str(info.value)
+
+
+def test_list_knobs_from_yaml_or_the_command_line():
+    from_text = specs.make("10", profile="smoke", graft_fractions="0.01,0.1", shots="8,16")
+    assert from_text.graft_fractions == [0.01, 0.1] and from_text.shots == [8, 16]
+    assert all(isinstance(n, int) for n in specs.make("10", profile="smoke", shots=[8.0, 16]).shots)
 
 
 @pytest.mark.parametrize("changes,knob", [(dict(graft_fraction=0.02), "graft_fraction"),
                                           (dict(other_rule="max"), "other_rule"),
-                                          (dict(shots="8,128"), "shots")])
+                                          (dict(shots=[8, 128]), "shots")])
 def test_knobs_that_involve_two_knobs(changes, knob):
-    cfg = C.make("10_where_finetuning_happens", profile="smoke", **changes)
-    with pytest.raises(C.ConfigError, match=knob):
-        L.check_knobs(cfg)
-    L.check_knobs(C.make("10_where_finetuning_happens", profile="smoke"))
+    with pytest.raises(ConfigError, match=knob) as info:
+        specs.make("10_where_finetuning_happens", profile="smoke", **changes)
+    assert info.value.parameter == knob
+    assert specs.make("10_where_finetuning_happens", profile="smoke", graft_fraction=0.1).graft_fraction == 0.1
 
 
 def test_profiles_resolve():
-    cpu, smoke, gpu = (C.make("10_where_finetuning_happens", profile=p) for p in ("cpu", "smoke", "gpu"))
-    assert cpu.model == smoke.model == "zoo:base" and gpu.model.startswith("hf:")
-    assert cpu.workers == 2 and gpu.workers == 1
+    cpu, smoke, scale, gpu = (specs.make("10_where_finetuning_happens", profile=p)
+                              for p in ("cpu", "smoke", "scale", "gpu"))
+    assert cpu.model == smoke.model == "zoo:base" and scale.model == "zoo:scale-base" and gpu.model.startswith("hf:")
+    assert cpu.workers == 2 and scale.workers == gpu.workers == 1
+    assert cpu.graft_fractions == [0.001, 0.003, 0.01, 0.03, 0.1] and cpu.shots == [32, 128, 512]
+    for path in ("scale", "gpu"):    # the bigger profiles' code paths at smoke sizes
+        other = specs.make("10_where_finetuning_happens", profile="smoke", code_path=path)
+        assert (other.batch_size, other.seq_len, other.shots) == (smoke.batch_size, smoke.seq_len, smoke.shots)
