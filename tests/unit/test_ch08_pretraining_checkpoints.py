@@ -9,14 +9,7 @@ from ftbook import models, specs
 from ftbook.config import ConfigError
 from ftbook.labs import ch08_pretraining_checkpoints as K
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # One torch thread, as the chapters run: on a busy 2-core machine, more threads only contend.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

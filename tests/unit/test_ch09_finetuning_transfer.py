@@ -15,6 +15,8 @@ from ftbook.labs import ch09_finetuning_transfer as L
 from ftbook.methods import logit_arithmetic as LA
 from ftbook.methods import merge as M
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 WORLD = D.World(seed=0, n_entities=8)
 FAMILIES = ("max", "parity", "last")
 
@@ -278,12 +280,3 @@ def test_bad_knobs_fail_before_any_work(knob, value, message):
         specs.make("09_finetuning_transfer", profile="smoke", **{knob: value})
     with pytest.raises(ConfigError, match=message):
         specs.make("09_finetuning_transfer", profile="smoke", **{knob: value})
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One torch thread, as the chapters run: on a busy 2-core machine two threads fight and run 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -30,17 +30,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import _train_worker as W  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 WORKER = str(HERE / "_train_worker.py")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from threads, and OpenMP threads competing with other jobs for the cores
-    # slow each step tenfold.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def quiet(**kw) -> TrainConfig:
