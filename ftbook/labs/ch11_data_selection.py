@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -318,20 +318,44 @@ def mean_states(model, tokenizer, texts: Sequence[str], *, max_tokens: int = 64,
 ARMS = ("random", "target-matching (n-grams)", "target-matching (embeddings)", "distribution-shifting")
 
 
+def embedding_scores(pool_x, target_x, reference_x, *, eps: float) -> dict[str, np.ndarray]:
+    """Both embedding selectors' scores for every candidate (lower = chosen first), in one whitened space
+    (:func:`ftbook.methods.data_selection.whitening`, fitted on the three samples): ``match`` ignores the reference,
+    ``shift`` is the OT potential against it."""
+    white = S.whitening(pool_x, target_x, reference_x)
+    pool_w, target_w, reference_w = white(pool_x), white(target_x), white(reference_x)
+    return {"match": S.match_scores(pool_w, target_w, eps=eps),
+            "shift": S.shift_scores(pool_w, target_w, reference_w, eps=eps),
+            "points": (pool_w, target_w, reference_w)}
+
+
 def select_all(pool: Sequence[str], target: Sequence[str], reference: Sequence[str], embed, budget: int, *,
                seed: int, eps: float, rounds: int = 1) -> dict[str, np.ndarray]:
     """The four selections of ``budget`` documents from ``pool``, by arm (:data:`ARMS`). ``target`` is the target
     task's text (its prompts, without answers), ``reference`` a sample of what the base model was pre-trained on,
-    ``embed(texts)`` the base model's embeddings."""
-    pool_x, target_x, reference_x = embed(pool), embed(target), embed(reference)
+    ``embed(texts)`` the base model's embeddings (:func:`embedding_scores`)."""
+    scores = embedding_scores(embed(pool), embed(target), embed(reference), eps=eps)
+    pool_w, target_w, reference_w = scores["points"]
     rng = np.random.default_rng([seed, 11])
     return {
         "random": np.sort(rng.choice(len(pool), budget, replace=False)),
         "target-matching (n-grams)": S.gumbel_top_k(S.importance_weights(pool, target), budget, seed=seed),
-        "target-matching (embeddings)": np.argsort(S.match_scores(pool_x, target_x, eps=eps), kind="stable")[:budget],
-        "distribution-shifting": S.select_distribution_shift(pool_x, target_x, reference_x, budget, eps=eps,
-                                                             rounds=rounds),
+        "target-matching (embeddings)": np.argsort(scores["match"], kind="stable")[:budget],
+        "distribution-shifting": (np.argsort(scores["shift"], kind="stable")[:budget] if rounds == 1 else
+                                  S.select_distribution_shift(pool_w, target_w, reference_w, budget, eps=eps,
+                                                              rounds=rounds)),
     }
+
+
+def preference(scores, chosen_kind) -> float:
+    """How strongly ``scores`` (lower = chosen first) prefer the documents of one kind: the probability that a
+    document of the kind scores below one that is not (an AUC; 0.5 = no preference)."""
+    scores, kind = np.asarray(scores, dtype=np.float64), np.asarray(chosen_kind, dtype=bool)
+    if kind.all() or not kind.any():
+        return float("nan")
+    ranks = scores.argsort(kind="stable").argsort(kind="stable") + 1.0   # ties are rare for real-valued scores
+    below = ranks[~kind].sum() - (~kind).sum() * ((~kind).sum() + 1) / 2  # Mann-Whitney U of the other documents
+    return float(below / (kind.sum() * (~kind).sum()))
 
 
 def selection_report(pool: Sequence[str], chosen: Sequence[int], world: D.World, attribute: str) -> dict[str, float]:
@@ -470,8 +494,8 @@ def _rows(sets: SkillSets, counts: Sequence[int], rng: np.random.Generator) -> d
     parts = {"input_ids": [], "labels": []}
     for skill, count in zip(sets.skills, counts):
         pick = rng.integers(0, len(sets.train[skill]["input_ids"]), size=int(count))
-        for column in parts:
-            parts[column].append(sets.train[skill][column][pick])
+        for column, chunks in parts.items():
+            chunks.append(sets.train[skill][column][pick])
     return {column: np.concatenate(chunks) for column, chunks in parts.items()}
 
 
@@ -492,23 +516,32 @@ def mixture_job(base: Mapping[str, torch.Tensor], tokenizer, sets: SkillSets, re
     ``graph`` is None, else Skill-it's online weights from ``graph`` and the validation losses seen so far. Each
     round draws exactly ``steps x batch_size`` rows by the round's weights (equal tokens for every policy), so a
     round is one pass over its rows; the learning rate is constant after the first round's warm-up.
-    Returns the per-round history (weights, validation losses) and the final test accuracy."""
-    model = model_from(base, tokenizer, recipe)
+    Returns the per-round history (before each round and at the end: validation losses, test accuracies, and the
+    round's weights) and the final test accuracy."""
+    model = model_from(base, tokenizer, recipe).to(recipe.device)
     history, observed = [], []
-    for r in range(rounds):
+    for r in range(rounds + 1):
         losses = skill_losses(model, sets)
+        row = {"round": r, "examples": r * recipe.steps * recipe.batch_size,
+               **{f"loss/{s}": float(v) for s, v in zip(sets.skills, losses)},
+               **{f"accuracy/{s}": v for s, v in skill_accuracy(model, tokenizer, sets).items()}}
+        history.append(row)
+        if r == rounds:
+            break
         observed.append(losses)
         weights = (np.full(len(sets.skills), 1 / len(sets.skills)) if graph is None
                    else S.skill_it_weights(graph, observed, eta=eta, window=window))
-        history.append({"round": r, **{f"loss/{s}": float(v) for s, v in zip(sets.skills, losses)},
-                        **{f"weight/{s}": float(w) for s, w in zip(sets.skills, weights)}})
+        row.update({f"weight/{s}": float(w) for s, w in zip(sets.skills, weights)})
         counts = S.mixture_counts(weights, recipe.steps * recipe.batch_size)
         data = _rows(sets, counts, np.random.default_rng([seed, r]))
         train(model, data, _config(recipe, seed=seed * 1000 + r, desc=f"mixture round {r + 1}/{rounds}",
                                    schedule="constant", warmup=recipe.warmup_steps if r == 0 else 0))
-    losses = skill_losses(model, sets)
-    history.append({"round": rounds, **{f"loss/{s}": float(v) for s, v in zip(sets.skills, losses)}})
-    return {"history": history, "accuracy": skill_accuracy(model, tokenizer, sets)}
+    return {"history": history, "accuracy": {s: history[-1][f"accuracy/{s}"] for s in sets.skills}}
+
+
+def learning_curve(history: Sequence[Mapping], skills: Sequence[str]) -> np.ndarray:
+    """The skills' mean test accuracy after each round (round 0 = the start)."""
+    return np.array([np.mean([h[f"accuracy/{s}"] for s in skills]) for h in history])
 
 
 def mean_accuracy(scores: Mapping[str, float]) -> float:

@@ -26,8 +26,7 @@ any model:
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -152,6 +151,23 @@ def ot_distance(x, y, *, eps: float, a=None, b=None) -> float:
     wa = _uniform(len(f)) if a is None else torch.as_tensor(a, dtype=torch.float64)
     wb = _uniform(len(g)) if b is None else torch.as_tensor(b, dtype=torch.float64)
     return float(wa @ f + wb @ g)
+
+
+def whitening(*clouds, shrink: float = 1e-3):
+    """A map that centres points and whitens them (ZCA, fitted on all ``clouds`` together), then scales each to unit
+    length. Distances in raw hidden states are dominated by the few directions every text shares (here: the question
+    form); whitening gives every direction the same variance, so content can count (TAROT, arXiv 2412.00420, whitens
+    features before its OT selection for the same reason). ``shrink`` adds that share of the largest variance to
+    every variance."""
+    points = torch.cat([_as_points(c) for c in clouds])
+    mean = points.mean(0)
+    values, vectors = torch.linalg.eigh(torch.cov((points - mean).T))
+    transform = vectors @ torch.diag((values.clamp_min(0) + shrink * values.max()).rsqrt()) @ vectors.T
+
+    def apply(x) -> torch.Tensor:
+        return torch.nn.functional.normalize((_as_points(x) - mean) @ transform, dim=1)
+
+    return apply
 
 
 def median_cost(x, y) -> float:

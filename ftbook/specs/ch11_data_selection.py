@@ -94,9 +94,9 @@ register(ChapterSpec(
     ),
     diffs={
         "smoke": dict(n_layer=1, d_model=32, n_entities=8, n_docs=300, reference_docs=60, pretrain_steps=12,
-                      finetune_steps=4, pool_docs=80, budget=10, prefinetune_steps=4, skills="length,max",
-                      skill_train=64, skill_val=8, skill_test=8, graph_steps=2, rounds=2, round_steps=3,
-                      batch_size=8, workers=1),
+                      finetune_seq_len=40, finetune_steps=4, pool_docs=80, budget=10, prefinetune_steps=4,
+                      skills="length,max", skill_train=64, skill_val=8, skill_test=8, graph_steps=2, rounds=2,
+                      round_steps=3, batch_size=8, workers=1),
         "gpu": dict(init="hf:EleutherAI/pythia-160m", n_entities=256, n_docs=200000, reference_docs=20000,
                     pretrain_steps=4000, pretrain_lr=1e-4, seq_len=128, batch_size=64, finetune_steps=300,
                     finetune_lr=2e-5, finetune_seq_len=32, pool_docs=40000,

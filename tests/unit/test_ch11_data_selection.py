@@ -1,4 +1,3 @@
-import random
 
 import numpy as np
 import pytest
@@ -139,7 +138,7 @@ def test_mean_states_are_unit_vectors_and_do_not_depend_on_batch_padding(tokeniz
 def test_select_all_gives_each_arm_its_budget_deterministically(tokenizer, docs):
     model = L.new_model(tokenizer, TINY, seed=0)
     target = L.fact_prompts(L.fact_split(WORLD)[0])[0]
-    embed = lambda texts: L.mean_states(model, tokenizer, texts)  # noqa: E731
+    embed = lambda texts: L.mean_states(model, tokenizer, texts)
     picks = L.select_all(docs[:120], target, docs[200:260], embed, 10, seed=0, eps=0.05)
     again = L.select_all(docs[:120], target, docs[200:260], embed, 10, seed=0, eps=0.05)
     assert list(picks) == list(L.ARMS)
@@ -178,6 +177,8 @@ def test_mixtures_train_on_equal_tokens_and_skill_it_moves_weight_to_high_loss_s
     assert set(uniform["accuracy"]) == {"length:3", "max:5"}
     graph = np.eye(2)
     adaptive = L.mixture_job(base, tokenizer, sets, recipe, rounds=2, graph=graph, eta=5.0, seed=0)
+    assert len(adaptive["history"]) == 3 and adaptive["history"][2]["examples"] == 2 * 2 * 4
+    assert L.learning_curve(adaptive["history"], sets.skills).shape == (3,)
     seen = np.array([[h[f"loss/{s}"] for s in sets.skills] for h in adaptive["history"][:2]])  # before rounds 1, 2
     second_weights = np.array([adaptive["history"][1][f"weight/{s}"] for s in sets.skills])
     assert np.isclose(second_weights.sum(), 1) and second_weights.argmax() == seen.sum(0).argmax()
@@ -195,3 +196,13 @@ def test_spec_refuses_bad_knobs_before_any_work():
                       (dict(pool_extra="wikitext"), "pool_extra")]:
         with pytest.raises(C.ConfigError, match=name):
             C.make("11", profile="smoke", **bad)
+
+
+def test_preference_is_an_auc():
+    assert L.preference([0.1, 0.2, 0.9, 1.0], [True, True, False, False]) == 1.0
+    assert L.preference([0.9, 1.0, 0.1, 0.2], [True, True, False, False]) == 0.0
+    rng = np.random.default_rng(0)
+    scores, kind = rng.random(400), rng.random(400) < 0.3
+    brute = np.mean([a < b for a in scores[kind] for b in scores[~kind]])
+    assert abs(L.preference(scores, kind) - brute) < 1e-9
+    assert np.isnan(L.preference([1, 2], [True, True]))

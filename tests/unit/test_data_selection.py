@@ -182,3 +182,22 @@ def test_mixture_counts_are_whole_and_proportional():
     assert S.mixture_counts([1, 1, 1], 300).tolist() == [100, 100, 100]
     with pytest.raises(ValueError):
         S.mixture_counts([0, 0], 3)
+
+
+def test_whitening_removes_a_dominant_shared_direction():
+    """Two kinds of points differ by a little in one direction, while every point also varies a lot in a direction
+    that carries no kind: raw distances barely see the kinds, whitened ones do."""
+    rng = np.random.default_rng(0)
+    kind = rng.integers(0, 2, 200)
+    x = np.stack([rng.normal(size=200) * 10, kind * 0.5 + rng.normal(size=200) * 0.05], 1)
+    white = S.whitening(x)
+    z = white(x)
+    assert torch.allclose(z.norm(dim=1), torch.ones(200, dtype=torch.float64))
+
+    def separation(points):
+        d = S.squared_distances(points, points)
+        same = d[kind[:, None] == kind[None, :]].mean()
+        return float(d[kind[:, None] != kind[None, :]].mean() / same)
+
+    assert separation(torch.as_tensor(x)) < 1.1
+    assert separation(z) > 1.5
