@@ -32,30 +32,25 @@ import numpy as np
 import torch
 
 from .. import data as D
-from .. import forgetting as F
 from .. import models
+from ..finetune import encode_pairs, finetune
+from ..hub import load_rows
 from ..methods import data_selection as S
-from ..records import peak_rss_mib  # noqa: F401 (the chapter reads it from here)
+from ..modeling import from_config, tiny_config
 from ..train import TrainConfig, evaluate_loss, train
 
 QA_PHRASINGS = (0, 1)     # both question forms of every fact are trained and scored
 
 
-def check_knobs(cfg, tokenizer=None, world: D.World | None = None) -> None:
-    """The checks that involve two knobs at once, or the data (each knob alone is checked by the spec): one clear
-    error naming the parameter, before any training."""
+def check_finetune_seq_len(cfg, tokenizer, world: D.World) -> None:
+    """The one knob check that needs the tokenizer and the world (the others are the spec's, rules between knobs
+    included): ``finetune_seq_len`` holds the longest fact question or skill prompt with its answer. One clear error
+    naming the parameter, before any training."""
     from ..config import ConfigError
 
-    if cfg.budget > cfg.pool_docs:
-        raise ConfigError("budget", f"{cfg.budget} documents cannot be chosen from a pool of {cfg.pool_docs} "
-                                    f"(pool_docs)")
-    if cfg.reference_docs > cfg.n_docs:
-        raise ConfigError("reference_docs", f"must be at most n_docs ({cfg.n_docs}), got {cfg.reference_docs}")
-    if tokenizer is None or world is None:
-        return
     prompts, answers = fact_prompts(world.facts)
-    for skill in cfg.skills.split(","):
-        p, a = skill_examples(skill.strip(), 50, seed=0)
+    for skill in cfg.skills:
+        p, a = skill_examples(skill, 50, seed=0)
         prompts, answers = prompts + p, answers + a
     longest = max(len(tokenizer(f"{p} {a}", add_special_tokens=False)["input_ids"]) for p, a in zip(prompts, answers))
     if cfg.finetune_seq_len < longest:
@@ -68,10 +63,7 @@ def hub_texts(spec: str, n: int, *, seed: int) -> list[str]:
     off-target candidates for the pool at the ``gpu`` profile. Empty ``spec``: none."""
     if not spec:
         return []
-    import datasets
-
-    name, _, config = spec.removeprefix("hf:").partition("@")
-    rows = datasets.load_dataset(name, config or None, split="train")
+    rows = load_rows(spec, "train")   # the hub's, or its local stand-in (ftbook.standins) on the gpu code path
     texts = [t.strip() for t in rows["text"] if len(t.split()) >= 8]
     rng = random.Random(f"hub-{seed}")
     return rng.sample(texts, min(n, len(texts)))
@@ -175,9 +167,9 @@ def tokenizer_for(init: str, profile: str):
 
 def new_model(tokenizer, recipe: Recipe, *, seed: int):
     if recipe.init == "scratch":
-        config = models.tiny_config("llama", vocab_size=len(tokenizer), n_layer=recipe.n_layer,
-                                    d_model=recipe.d_model, max_len=max(256, recipe.seq_len))
-        return models.from_config(config, seed=seed)
+        config = tiny_config("llama", vocab_size=len(tokenizer), n_layer=recipe.n_layer, d_model=recipe.d_model,
+                             max_len=max(256, recipe.seq_len))
+        return from_config(config, seed=seed)
     return models.load(recipe.init)[0]
 
 
@@ -223,7 +215,7 @@ def fact_prompts(facts: Sequence[D.Fact]) -> tuple[list[str], list[str]]:
     answers ``paris .``)."""
     prompts, answers = [], []
     for phrasing in QA_PHRASINGS:
-        p, a = F.qa_pairs(facts, phrasing=phrasing)
+        p, a = D.qa_pairs(facts, phrasing=phrasing)
         prompts += p
         answers += a
     return prompts, answers
@@ -256,11 +248,10 @@ def summarize(facts: Sequence[D.Fact], correct: np.ndarray) -> dict[str, float]:
 def finetune_facts(model, tokenizer, facts: Sequence[D.Fact], recipe: Recipe, *, seed: int):
     """A copy of ``model`` fine-tuned on the question-answer pairs of ``facts`` (loss on the answers only)."""
     prompts, answers = fact_prompts(facts)
-    data = F.encode_pairs(prompts, answers, tokenizer, recipe.seq_len)
-    tuned, _ = F.finetune(model, data, steps=recipe.steps, lr=recipe.lr, seed=seed, batch_size=recipe.batch_size,
-                          warmup_steps=recipe.warmup_steps, device=recipe.device, precision=recipe.precision,
-                          desc="fine-tune on facts")
-    return tuned
+    data = encode_pairs(prompts, answers, tokenizer, recipe.seq_len)
+    return finetune(model, data, steps=recipe.steps, lr=recipe.lr, seed=seed, batch_size=recipe.batch_size,
+                    warmup_steps=recipe.warmup_steps, device=recipe.device, precision=recipe.precision,
+                    desc="fine-tune on facts")
 
 
 def crossfit_scores(model, tokenizer, halves: tuple[Sequence[D.Fact], Sequence[D.Fact]], recipe: Recipe, *,
@@ -460,7 +451,7 @@ class SkillSets:
 def skill_sets(skills: Sequence[str], tokenizer, *, n_train: int, n_val: int, n_test: int, seq_len: int,
                seed: int) -> SkillSets:
     def encoded(prompts, answers):
-        rows = F.encode_pairs(prompts, answers, tokenizer, seq_len)
+        rows = encode_pairs(prompts, answers, tokenizer, seq_len)
         return {"input_ids": np.asarray(rows["input_ids"]), "labels": np.asarray(rows["labels"])}
 
     train_, val, test = {}, {}, {}

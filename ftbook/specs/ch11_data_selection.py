@@ -1,12 +1,16 @@
-"""Knobs of chapter 11_data_selection: defaults at the ``cpu`` profile, diffs for ``smoke`` and ``gpu``, validators."""
+"""Chapter 11_data_selection's knobs: defaults at ``cpu``, diffs for the other profiles, validators and rules."""
 from __future__ import annotations
 
-from ..config import ChapterSpec, register
+from collections.abc import Mapping
+from typing import Any
+
+from ..config import ChapterSpec, ConfigError
 from ._checks import at_least, known_names
 
-ATTRIBUTES = ("city", "color", "job", "pet")
-LIST_TASKS = ("max", "min", "first", "last", "length")
-OTHER_TASKS = ("count", "parity")
+# Kept here (not imported from the lab) so that resolving a config never imports torch.
+ATTRIBUTES = ("city", "color", "job", "pet")                  # ftbook.data.ATTRIBUTES
+LIST_TASKS = ("max", "min", "first", "last", "length")       # ftbook.labs.ch11_data_selection.LIST_TASKS
+OTHER_TASKS = ("count", "parity")                            # ftbook.labs.ch11_data_selection.OTHER_TASKS
 
 
 def _check_init(value: str) -> None:
@@ -15,11 +19,10 @@ def _check_init(value: str) -> None:
                          f"'path:/folder' to continue from, got {value!r}")
 
 
-def _check_skills(value: str) -> None:
-    names = [x.strip() for x in value.split(",") if x.strip()]
-    if len(names) < 2 or len(set(names)) != len(names):
-        raise ValueError(f"needs at least two different skills, comma-separated; got {value!r}")
-    for name in names:
+def _check_skills(value: list) -> None:
+    if len(value) < 2 or len(set(value)) != len(value):
+        raise ValueError(f"needs at least two different skills, e.g. ['length', 'max']; got {value!r}")
+    for name in value:
         task, _, length = name.partition(":")
         known_names(task, LIST_TASKS + OTHER_TASKS, "task")
         if length and (task not in LIST_TASKS or not length.isdigit() or not 1 <= int(length) <= 12):
@@ -62,7 +65,19 @@ def _check_threshold(value: float) -> None:
         raise ValueError(f"must lie in (-1, 1) (a relative drop of a loss), got {value}")
 
 
-register(ChapterSpec(
+def _budget_and_reference(values: Mapping[str, Any]) -> None:
+    """Rules between knobs: a selection's budget fits the candidate pool, and the filter's clean reference is no
+    larger than the raw corpus. (Whether ``finetune_seq_len`` holds the longest question depends on the tokenizer:
+    the lab checks it, :func:`ftbook.labs.ch11_data_selection.check_finetune_seq_len`.)"""
+    if values["budget"] > values["pool_docs"]:
+        raise ConfigError("budget", f"{values['budget']} documents cannot be chosen from a pool of "
+                                    f"{values['pool_docs']} (pool_docs)")
+    if values["reference_docs"] > values["n_docs"]:
+        raise ConfigError("reference_docs", f"must be at most n_docs ({values['n_docs']}), got "
+                                            f"{values['reference_docs']}")
+
+
+SPEC = ChapterSpec(
     name="11_data_selection",
     title="Which data: curating pre-training, selecting pre-fine-tuning data, mixing skills",
     defaults=dict(
@@ -83,28 +98,41 @@ register(ChapterSpec(
         prefinetune_steps=100, prefinetune_lr=1e-3,
         ot_eps=0.05,                 # entropic blur of the OT, as a share of the median cost
         ot_rounds=1,                 # 1: GOT-D's one-shot selection; more: greedy rounds
-        skills="length,parity,last,first,max",
+        skills=["length", "parity", "last", "first", "max"],  # the mixtures' skills: tasks, or "task:N" (N numbers)
         skill_train=2000, skill_val=100, skill_test=200,
         graph_steps=20,              # steps of each single-skill run that estimates the skill graph
         rounds=6, round_steps=40,    # the mixtures: rounds x steps at equal tokens (Skill-it: 6 rounds on LEGO)
         mixture_lr=1e-3,
         eta=0.5, window=3,           # Skill-it's online rule (the paper's LEGO values)
         edge_threshold=0.05,         # a graph edge: training on i lowers j's loss by more than this (relative)
-        workers=2,
+        workers=2,                   # processes for the independent runs (cpu: 2; smoke, scale, gpu: 1)
     ),
     diffs={
         "smoke": dict(n_layer=1, d_model=32, n_entities=8, n_docs=300, reference_docs=60, pretrain_steps=12,
                       finetune_seq_len=40, finetune_steps=4, pool_docs=80, budget=10, prefinetune_steps=4,
-                      skills="length,max", skill_train=64, skill_val=8, skill_test=8, graph_steps=2, rounds=2,
-                      round_steps=3, batch_size=8, workers=1),
+                      skills=["length", "max"], skill_train=64, skill_val=8, skill_test=8, graph_steps=2, rounds=2,
+                      round_steps=3, batch_size=8, workers=1,
+                      seq_len=64),  # the cpu value: kept for the scale and gpu code paths at smoke sizes
         "gpu": dict(init="hf:EleutherAI/pythia-160m", n_entities=256, n_docs=200000, reference_docs=20000,
                     pretrain_steps=4000, pretrain_lr=1e-4, seq_len=128, batch_size=64, finetune_steps=300,
                     finetune_lr=2e-5, finetune_seq_len=32, pool_docs=40000,
                     pool_extra="hf:Salesforce/wikitext@wikitext-103-raw-v1", budget=2000, prefinetune_steps=1000,
-                    prefinetune_lr=5e-5, skills="length,parity,last,first,max,min,count", skill_train=20000,
-                    skill_val=500, skill_test=1000, graph_steps=200, rounds=6, round_steps=1000, mixture_lr=5e-5,
-                    workers=1),
+                    prefinetune_lr=5e-5, skills=["length", "parity", "last", "first", "max", "min", "count"],
+                    skill_train=20000, skill_val=500, skill_test=1000, graph_steps=200, rounds=6, round_steps=1000,
+                    mixture_lr=5e-5, workers=1),
+        # The book's own world, bigger, without a download: the chapter pre-trains its models from scratch (a zoo
+        # model has read the world, pets included), so here at zoo:scale-base's shape (8 x 512) on the scale zoo's
+        # 256 people, at the gpu profile's sizes; learning rates like the scale zoo's pre-training (1e-3) and a
+        # third of it for continued pre-training and the mixtures (untried)
+        "scale": dict(n_layer=8, d_model=512, n_entities=256, n_docs=200000, reference_docs=20000,
+                      pretrain_steps=4000, pretrain_lr=1e-3, seq_len=128, batch_size=64, finetune_steps=300,
+                      finetune_lr=1e-4, finetune_seq_len=32, pool_docs=40000, budget=2000, prefinetune_steps=1000,
+                      prefinetune_lr=3e-4, skills=["length", "parity", "last", "first", "max", "min", "count"],
+                      skill_train=20000, skill_val=500, skill_test=1000, graph_steps=200, rounds=6, round_steps=1000,
+                      mixture_lr=3e-4, workers=1),
     },
+    # None: shift-beats-matching and skill-it-beats-uniform were pre-registered as judged at gpu scale only (951c00d)
+    judged_at_scale=(),
     choices={"domain": ATTRIBUTES},
     validators={"init": _check_init, "skills": _check_skills, "pool_extra": _check_pool_extra,
                 "corrupt_rate": _check_rate, "qa_share": _check_qa_share, "filter_keep": _check_share,
@@ -117,4 +145,5 @@ register(ChapterSpec(
                 "ot_rounds": at_least(1), "skill_train": at_least(8), "skill_val": at_least(2),
                 "skill_test": at_least(2), "graph_steps": at_least(1), "rounds": at_least(1),
                 "round_steps": at_least(1), "window": at_least(1), "workers": at_least(1)},
-))
+    rules=(_budget_and_reference,),
+)

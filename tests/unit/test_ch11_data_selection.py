@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from ftbook import config as C
 from ftbook import data as D
+from ftbook import specs
+from ftbook.config import ConfigError
 from ftbook.labs import ch11_data_selection as L
 from ftbook.methods import data_selection as S
 
@@ -188,14 +189,50 @@ def test_mixtures_train_on_equal_tokens_and_skill_it_moves_weight_to_high_loss_s
 
 
 # --- the spec -----------------------------------------------------------------------------------------------
-def test_spec_refuses_bad_knobs_before_any_work():
-    assert C.make("11", profile="smoke").skills == "length,max"
-    for bad, name in [(dict(skills="max,maxx"), "skills"), (dict(domain="pets"), "domain"),
-                      (dict(corrupt_rate=1.0), "corrupt_rate"), (dict(init="zoo:base"), "init"),
-                      (dict(skills="count:3,max"), "skills"), (dict(filter_keep=0.0), "filter_keep"),
-                      (dict(pool_extra="wikitext"), "pool_extra")]:
-        with pytest.raises(C.ConfigError, match=name):
-            C.make("11", profile="smoke", **bad)
+@pytest.mark.parametrize("knob,value,words", [
+    ("skills", ["max", "maxx"], "did you mean 'max'"), ("skills", ["max"], "at least two"),
+    ("skills", ["max", "max"], "at least two"), ("skills", ["count:3", "max"], "task:N"),
+    ("skills", ["max", 3], "strings"), ("domain", "pets", "city"), ("corrupt_rate", 1.0, "[0, 1)"),
+    ("init", "zoo:base", "scratch"), ("filter_keep", 0.0, "(0, 1]"), ("pool_extra", "wikitext", "hf:")])
+def test_bad_knobs_fail_with_one_clear_error(knob, value, words):
+    with pytest.raises(ConfigError, match=knob) as info:
+        specs.make("11_data_selection", profile="smoke", **{knob: value})
+    assert info.value.parameter == knob and words in str(info.value)
+
+
+def test_skills_from_yaml_or_the_command_line():
+    assert specs.make("11", profile="smoke").skills == ["length", "max"]
+    assert specs.make("11").skills == ["length", "parity", "last", "first", "max"]
+    assert specs.make("11", profile="smoke", skills="max:4, parity").skills == ["max:4", "parity"]
+
+
+@pytest.mark.parametrize("changes,knob", [(dict(budget=81), "budget"), (dict(reference_docs=301), "reference_docs"),
+                                          (dict(n_docs=59), "reference_docs")])
+def test_knobs_that_involve_two_knobs(changes, knob):
+    with pytest.raises(ConfigError, match=knob) as info:
+        specs.make("11_data_selection", profile="smoke", **changes)
+    assert info.value.parameter == knob
+    assert specs.make("11_data_selection", profile="smoke", budget=80, reference_docs=300).budget == 80
+
+
+def test_finetune_seq_len_must_hold_the_longest_question(tokenizer):
+    cfg = specs.make("11", profile="smoke", finetune_seq_len=16)
+    with pytest.raises(ConfigError, match="finetune_seq_len") as info:
+        L.check_finetune_seq_len(cfg, tokenizer, WORLD)
+    assert info.value.parameter == "finetune_seq_len"
+    L.check_finetune_seq_len(specs.make("11", profile="smoke", finetune_seq_len=64), tokenizer, WORLD)
+
+
+def test_profiles_resolve():
+    smoke, cpu, scale, gpu = (specs.make("11_data_selection", profile=p) for p in ("smoke", "cpu", "scale", "gpu"))
+    assert cpu.init == smoke.init == scale.init == "scratch" and gpu.init.startswith("hf:")
+    assert (scale.n_layer, scale.d_model) == (8, 512) and scale.pool_extra == "" and gpu.pool_extra.startswith("hf:")
+    assert cpu.workers == 2 and smoke.workers == scale.workers == gpu.workers == 1
+    for path in ("scale", "gpu"):    # the bigger profiles' code paths at smoke sizes
+        other = specs.make("11_data_selection", profile="smoke", code_path=path)
+        sizes = ("n_entities", "n_docs", "pretrain_steps", "seq_len", "batch_size", "finetune_seq_len", "pool_docs",
+                 "budget", "skills", "skill_train", "round_steps", "n_layer", "d_model")
+        assert all(other[k] == smoke[k] for k in sizes), path
 
 
 def test_preference_is_an_auc():
