@@ -19,6 +19,11 @@ def _check_init(value: str) -> None:
                          f"'path:/folder' to continue from, got {value!r}")
 
 
+def _check_other_init(value: str) -> None:
+    if value != "same":
+        _check_init(value)
+
+
 def _check_skills(value: list) -> None:
     if len(value) < 2 or len(set(value)) != len(value):
         raise ValueError(f"needs at least two different skills, e.g. ['length', 'max']; got {value!r}")
@@ -72,6 +77,10 @@ def _budget_and_reference(values: Mapping[str, Any]) -> None:
     if values["budget"] > values["pool_docs"]:
         raise ConfigError("budget", f"{values['budget']} documents cannot be chosen from a pool of "
                                     f"{values['pool_docs']} (pool_docs)")
+    other, init = values["other_init"], values["init"]
+    if other not in ("same", init) and "scratch" in (init, other):
+        raise ConfigError("other_init", f"{other!r} and init={init!r} must both be pre-trained models of one "
+                                        "architecture and tokenizer, or 'same'")
     if values["reference_docs"] > values["n_docs"]:
         raise ConfigError("reference_docs", f"must be at most n_docs ({values['n_docs']}), got "
                                             f"{values['reference_docs']}")
@@ -82,6 +91,8 @@ SPEC = ChapterSpec(
     title="Which data: curating pre-training, selecting pre-fine-tuning data, mixing skills",
     defaults=dict(
         init="scratch",              # every model starts here: a new n_layer x d_model Llama, or a pre-trained one
+        other_init="same",           # the second unfiltered model (the noise control): "same" = init from another
+                                     # seed (a pre-trained init has no seed: the control is then only data order)
         n_layer=2, d_model=64,       # the chapter's small model (pre-trained from scratch four times per run)
         n_entities=32,               # people of the world (4 attributes each, a quarter of the facts never stated)
         n_docs=8000,                 # documents of the raw pre-training corpus
@@ -113,7 +124,8 @@ SPEC = ChapterSpec(
                       skills=["length", "max"], skill_train=64, skill_val=8, skill_test=8, graph_steps=2, rounds=2,
                       round_steps=3, batch_size=8, workers=1,
                       seq_len=64),  # the cpu value: kept for the scale and gpu code paths at smoke sizes
-        "gpu": dict(init="hf:EleutherAI/pythia-160m", n_entities=256, n_docs=200000, reference_docs=20000,
+        "gpu": dict(init="hf:EleutherAI/pythia-160m", other_init="hf:EleutherAI/pythia-160m-seed1",  # PolyPythias
+                    n_entities=256, n_docs=200000, reference_docs=20000,
                     pretrain_steps=4000, pretrain_lr=1e-4, seq_len=128, batch_size=64, finetune_steps=300,
                     finetune_lr=2e-5, finetune_seq_len=32, pool_docs=40000,
                     pool_extra="hf:Salesforce/wikitext@wikitext-103-raw-v1", budget=2000, prefinetune_steps=1000,
@@ -134,7 +146,8 @@ SPEC = ChapterSpec(
     # None: shift-beats-matching and skill-it-beats-uniform were pre-registered as judged at gpu scale only (951c00d)
     judged_at_scale=(),
     choices={"domain": ATTRIBUTES},
-    validators={"init": _check_init, "skills": _check_skills, "pool_extra": _check_pool_extra,
+    validators={"init": _check_init, "other_init": _check_other_init, "skills": _check_skills,
+                "pool_extra": _check_pool_extra,
                 "corrupt_rate": _check_rate, "qa_share": _check_qa_share, "filter_keep": _check_share,
                 "pretrain_lr": _check_positive, "finetune_lr": _check_positive, "prefinetune_lr": _check_positive,
                 "mixture_lr": _check_positive, "ot_eps": _check_positive, "eta": _check_non_negative,

@@ -193,7 +193,8 @@ def test_mixtures_train_on_equal_tokens_and_skill_it_moves_weight_to_high_loss_s
     ("skills", ["max", "maxx"], "did you mean 'max'"), ("skills", ["max"], "at least two"),
     ("skills", ["max", "max"], "at least two"), ("skills", ["count:3", "max"], "task:N"),
     ("skills", ["max", 3], "strings"), ("domain", "pets", "city"), ("corrupt_rate", 1.0, "[0, 1)"),
-    ("init", "zoo:base", "scratch"), ("filter_keep", 0.0, "(0, 1]"), ("pool_extra", "wikitext", "hf:")])
+    ("init", "zoo:base", "scratch"), ("other_init", "zoo:base", "scratch"), ("filter_keep", 0.0, "(0, 1]"),
+    ("pool_extra", "wikitext", "hf:")])
 def test_bad_knobs_fail_with_one_clear_error(knob, value, words):
     with pytest.raises(ConfigError, match=knob) as info:
         specs.make("11_data_selection", profile="smoke", **{knob: value})
@@ -207,7 +208,9 @@ def test_skills_from_yaml_or_the_command_line():
 
 
 @pytest.mark.parametrize("changes,knob", [(dict(budget=81), "budget"), (dict(reference_docs=301), "reference_docs"),
-                                          (dict(n_docs=59), "reference_docs")])
+                                          (dict(n_docs=59), "reference_docs"),
+                                          (dict(other_init="hf:EleutherAI/pythia-160m-seed1"), "other_init"),
+                                          (dict(init="hf:EleutherAI/pythia-160m", other_init="scratch"), "other_init")])
 def test_knobs_that_involve_two_knobs(changes, knob):
     with pytest.raises(ConfigError, match=knob) as info:
         specs.make("11_data_selection", profile="smoke", **changes)
@@ -228,6 +231,8 @@ def test_profiles_resolve():
     assert cpu.init == smoke.init == scale.init == "scratch" and gpu.init.startswith("hf:")
     assert (scale.n_layer, scale.d_model) == (8, 512) and scale.pool_extra == "" and gpu.pool_extra.startswith("hf:")
     assert cpu.workers == 2 and smoke.workers == scale.workers == gpu.workers == 1
+    # the noise control: another initialisation at every profile (a hub init has no seed: PolyPythia's other seed)
+    assert cpu.other_init == scale.other_init == "same" and gpu.other_init == "hf:EleutherAI/pythia-160m-seed1"
     for path in ("scale", "gpu"):    # the bigger profiles' code paths at smoke sizes
         other = specs.make("11_data_selection", profile="smoke", code_path=path)
         sizes = ("n_entities", "n_docs", "pretrain_steps", "seq_len", "batch_size", "finetune_seq_len", "pool_docs",
