@@ -88,8 +88,10 @@ SPEC = ChapterSpec(
                       graft_fractions=[0.0001, 0.001, 0.01, 0.03], kernel_steps=200, kernel_lr=1e-4,
                       shots=[16, 64, 256, 512], mask_steps=200, workers=1),
     },
-    # None: freezing's and the kernel view's claims were pre-registered as judged at gpu scale only (dca028f, 3ea6de0)
-    judged_at_scale=(),
+    # freezing, the kernel view and LP-FT's advantage need a deeper, wider pre-trained model, not real text (the world
+    # has the rules' prompt form and a second language): the scale profile judges them too (registered as gpu-only in
+    # dca028f and 3ea6de0, before the chapter had a scale profile)
+    judged_at_scale=("freeze-lower-half", "kernel-prompt", "kernel-no-prompt", "lpft-ood-better"),
     validators={"model": pretrained_model, "layer_rule": _check_rule, "graft_rule": _check_rule,
                 "other_rule": _check_rule, "kernel_rule": _check_rule,
                 "graft_fractions": grid(0.0, 1.0, "graft fractions", min_items=1, strictly_above_low=True),

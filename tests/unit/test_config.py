@@ -165,7 +165,7 @@ def test_claims_the_scale_profile_judges_are_gpu_claims_of_the_chapter():
                                             re.S)}
         assert set(spec.judged_at_scale) <= gpu_claims, (name, set(spec.judged_at_scale) - gpu_claims)
         moved += len(spec.judged_at_scale)
-    assert moved == 15
+    assert moved == 22
 
 
 def test_new_knobs_keep_the_cpu_values_and_split_where_the_gpu_needs_it():
