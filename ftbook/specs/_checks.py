@@ -25,6 +25,16 @@ def check_positive(value: float) -> None:
         raise ValueError(f"must be positive, got {value}")
 
 
+def check_share(value: float) -> None:
+    if not 0 < value <= 1:
+        raise ValueError(f"must lie in (0, 1], got {value}")
+
+
+def check_non_negative(value: float) -> None:
+    if not value >= 0:
+        raise ValueError(f"must be >= 0, got {value}")
+
+
 def pretrained_model(value: str) -> None:
     """A model spec a chapter can start from: ``zoo:<name>`` (pre-trained by the book), ``hf:org/name`` (the hub,
     gpu profile) or ``path:/folder`` (a local copy)."""

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..config import ChapterSpec, ConfigError
-from ._checks import at_least, grid, known_names, pretrained_model
+from ._checks import at_least, check_non_negative, check_share, grid, known_names, pretrained_model
 
 # Kept here (not imported from the lab) so that resolving a config never imports torch.
 RULES = ("max", "min", "first", "last")  # ftbook.labs.ch10_where_finetuning_happens.RULES
@@ -21,14 +21,6 @@ def _check_shots(value: list) -> None:
         raise ValueError(f"must be increasing training-set sizes >= 2, no repeats, e.g. [16, 64, 256]; got {value!r}")
 
 
-def _check_unit_fraction(value: float) -> None:
-    if not 0 < value <= 1:
-        raise ValueError(f"must lie in (0, 1], got {value}")
-
-
-def _check_non_negative(value: float) -> None:
-    if not value >= 0:
-        raise ValueError(f"must be >= 0, got {value}")
 
 
 def _graft_and_shot_sizes(values: Mapping[str, Any]) -> None:
@@ -95,11 +87,11 @@ SPEC = ChapterSpec(
     validators={"model": pretrained_model, "layer_rule": _check_rule, "graft_rule": _check_rule,
                 "other_rule": _check_rule, "kernel_rule": _check_rule,
                 "graft_fractions": grid(0.0, 1.0, "graft fractions", min_items=1, strictly_above_low=True),
-                "graft_fraction": _check_unit_fraction, "shots": _check_shots,
+                "graft_fraction": check_share, "shots": _check_shots,
                 "train_examples": at_least(16), "test_examples": at_least(8), "seq_len": at_least(16),
                 "batch_size": at_least(1), "layer_steps": at_least(1), "graft_steps": at_least(1),
-                "kernel_steps": at_least(1), "mask_steps": at_least(1), "probe_l2": _check_non_negative,
+                "kernel_steps": at_least(1), "mask_steps": at_least(1), "probe_l2": check_non_negative,
                 "lpft_runs": at_least(1),
-                "mask_bias": _check_non_negative, "workers": at_least(1)},
+                "mask_bias": check_non_negative, "workers": at_least(1)},
     rules=(_graft_and_shot_sizes,),
 )

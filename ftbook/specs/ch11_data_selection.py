@@ -5,7 +5,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..config import ChapterSpec, ConfigError
-from ._checks import at_least, known_names
+from ._checks import at_least, check_non_negative, check_positive, check_share, known_names
 
 # Kept here (not imported from the lab) so that resolving a config never imports torch.
 ATTRIBUTES = ("city", "color", "job", "pet")                  # ftbook.data.ATTRIBUTES
@@ -40,10 +40,6 @@ def _check_pool_extra(value: str) -> None:
                          f"got {value!r}")
 
 
-def _check_positive(value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"must be positive, got {value}")
-
 
 def _check_rate(value: float) -> None:
     if not 0 <= value < 1:
@@ -55,14 +51,6 @@ def _check_qa_share(value: float) -> None:
         raise ValueError(f"must lie in [0, 0.6], got {value}")
 
 
-def _check_share(value: float) -> None:
-    if not 0 < value <= 1:
-        raise ValueError(f"must lie in (0, 1], got {value}")
-
-
-def _check_non_negative(value: float) -> None:
-    if not value >= 0:
-        raise ValueError(f"must be at least 0, got {value}")
 
 
 def _check_threshold(value: float) -> None:
@@ -149,9 +137,9 @@ SPEC = ChapterSpec(
     choices={"domain": ATTRIBUTES},
     validators={"init": _check_init, "other_init": _check_other_init, "skills": _check_skills,
                 "pool_extra": _check_pool_extra,
-                "corrupt_rate": _check_rate, "qa_share": _check_qa_share, "filter_keep": _check_share,
-                "pretrain_lr": _check_positive, "finetune_lr": _check_positive, "prefinetune_lr": _check_positive,
-                "mixture_lr": _check_positive, "ot_eps": _check_positive, "eta": _check_non_negative,
+                "corrupt_rate": _check_rate, "qa_share": _check_qa_share, "filter_keep": check_share,
+                "pretrain_lr": check_positive, "finetune_lr": check_positive, "prefinetune_lr": check_positive,
+                "mixture_lr": check_positive, "ot_eps": check_positive, "eta": check_non_negative,
                 "edge_threshold": _check_threshold,
                 "n_entities": at_least(4), "n_docs": at_least(50), "reference_docs": at_least(10),
                 "pretrain_steps": at_least(1), "finetune_steps": at_least(1), "finetune_seq_len": at_least(16),

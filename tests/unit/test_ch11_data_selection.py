@@ -9,16 +9,10 @@ from ftbook.config import ConfigError
 from ftbook.labs import ch11_data_selection as L
 from ftbook.methods import data_selection as S
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 WORLD = D.World(seed=0, n_entities=8)
 TINY = L.Recipe(steps=3, lr=1e-3, batch_size=4, seq_len=32, warmup_steps=1, n_layer=1, d_model=32)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,7 @@ import torch
 
 from ftbook.methods import data_selection as S
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small float64 matrices: one thread is fastest (and a loaded machine makes a second one crawl)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- n-gram importance weights ---------------------------------------------------------------------------------
